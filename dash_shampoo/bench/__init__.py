@@ -1,0 +1,1 @@
+"""Benchmarks: solver study, optimizer-step timings, peers."""

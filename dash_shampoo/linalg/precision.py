@@ -1,0 +1,70 @@
+"""Batched matmul at a chosen precision, with fp32 accumulation, on any device.
+
+``"fp32"``: IEEE float32 products (TF32 is switched off for the call on CUDA).
+``"tf32"``: inputs rounded to TF32 (10-bit mantissa), fp32 accumulation: tensor cores on CUDA,
+emulated on the CPU by rounding the inputs and multiplying in fp32.
+``"bf16"`` / ``"fp16"``: inputs rounded to 16 bits, products accumulated and returned in fp32:
+``torch.bmm(..., out_dtype=float32)`` on CUDA where available, otherwise emulated by rounding the
+inputs and multiplying in fp32 (exact products of 16-bit numbers summed in fp32, which is what the
+tensor cores compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 ``x`` to the nearest TF32 value (1 sign, 8 exponent, 10 mantissa bits)."""
+    bits = x.contiguous().view(torch.int32)
+    # Round half away from zero on the 13 dropped mantissa bits, then clear them.
+    rounded = (bits + 0x1000) & ~0x1FFF
+    out = rounded.view(torch.float32)
+    return torch.where(torch.isfinite(x), out, x)
+
+
+def round_to(x: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Return ``x`` rounded to the input precision of ``precision``, kept in ``x``'s dtype."""
+    if precision == "fp32":
+        return x
+    if precision == "tf32":
+        return round_tf32(x.to(torch.float32)).to(x.dtype)
+    return x.to(_HALF[precision]).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _cuda_tf32(enabled: bool) -> Iterator[None]:
+    flag = torch.backends.cuda.matmul
+    previous = flag.allow_tf32
+    flag.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        flag.allow_tf32 = previous
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
+    """Batched ``a @ b`` with inputs rounded to ``precision``, accumulated and returned in ``a.dtype``.
+
+    fp64 stacks with ``"fp32"`` are multiplied in fp64 (the float64 reference path).
+    """
+    if a.device.type == "cuda" and a.dtype == torch.float32:
+        if precision in ("fp32", "tf32"):
+            with _cuda_tf32(precision == "tf32"):
+                return torch.bmm(a, b)
+        half = _HALF[precision]
+        try:
+            return torch.bmm(a.to(half), b.to(half), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # older torch without the fp32-output kernel
+            return torch.bmm(a.to(half), b.to(half)).to(torch.float32)
+    if precision == "fp32":
+        return torch.bmm(a, b)
+    return torch.bmm(round_to(a, precision), round_to(b, precision))

@@ -1,0 +1,460 @@
+"""Batched inverse p-th roots ``A^(-1/p)`` of stacks of symmetric PSD matrices, shape (N, n, n).
+
+Every solver works on the whole stack at once (one batched call per stack, no loop over matrices)
+and adds the ridge ``eps·I`` to each matrix before anything else, so each one computes
+``(A + eps·I)^(-1/p)`` (the eigendecomposition's eigenvalue treatments are described with it).
+
+- :func:`eigh_inverse_root`: ``Q diag(λ^(-1/p)) Qᵀ`` from ``torch.linalg.eigh``; exact up to rounding.
+- :func:`newton_inverse_root`: coupled Newton iteration (Guo & Higham) for any integer ``p``.
+- :func:`ndb_inverse_root`: inverse-free Newton–Denman–Beavers (coupled Newton–Schulz) for the
+  square root and inverse square root; ``p = 2^k`` by composition.
+- :func:`chebyshev_inverse_root`: a Chebyshev series of ``x^(-1/p)`` evaluated with Clenshaw.
+
+The iterative solvers scale each matrix by ``s >= λ_max`` (:func:`spectral_scale`), iterate in
+fp32 (matmuls at ``precision``, see :mod:`dash_shampoo.linalg.precision`) and undo the scaling, so
+their result approximates ``A^(-1/p)`` itself, not a multiple of it. Inputs of any floating dtype
+are computed in fp32 (fp64 inputs in fp64) and returned in the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import torch
+
+from .._checks import check_choice, check_number, check_stack
+from .precision import PRECISIONS, Precision, bmm
+from .scaling import SCALINGS, Scaling, spectral_scale
+
+Method = Literal["eigh", "newton", "ndb", "chebyshev"]
+METHODS: tuple[str, ...] = ("eigh", "newton", "ndb", "chebyshev")
+EigenFix = Literal["shift", "pinv", "abs"]
+EIGEN_FIXES: tuple[str, ...] = ("shift", "pinv", "abs")
+
+
+def _compute_dtype(A: torch.Tensor) -> torch.dtype:
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+
+def _eye_like(A: torch.Tensor) -> torch.Tensor:
+    return torch.eye(A.shape[-1], device=A.device, dtype=A.dtype).expand_as(A)
+
+
+def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
+    """``A + eps·I`` in the compute dtype, as a new tensor (the input is never modified)."""
+    X = A.to(_compute_dtype(A), copy=True)
+    if eps:
+        X.diagonal(dim1=-2, dim2=-1).add_(eps)
+    return X
+
+
+def _symmetrize(X: torch.Tensor) -> torch.Tensor:
+    return (X + X.mT).mul_(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigendecomposition
+# ---------------------------------------------------------------------------------------------
+
+
+def eigh_with_fallback(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched ``torch.linalg.eigh`` that reports failures per matrix instead of raising.
+
+    Non-finite matrices are replaced by the identity before the call. If the batched call raises,
+    the stack is retried in float64; if that raises too, each matrix is decomposed alone in float64
+    and the ones that still fail are replaced by the identity.
+
+    Returns:
+        ``(eigenvalues (N, n), eigenvectors (N, n, n), failed (N,) bool)`` in ``A``'s dtype (fp32 for
+        16-bit inputs); ``failed`` marks non-finite inputs, failed decompositions and non-finite
+        outputs.
+    """
+    X = A.to(_compute_dtype(A))
+    finite = torch.isfinite(X).flatten(1).all(dim=1)
+    X = torch.where(finite[:, None, None], X, _eye_like(X))
+    failed = ~finite
+    try:
+        values, vectors = torch.linalg.eigh(X)
+    except RuntimeError:
+        try:
+            values, vectors = torch.linalg.eigh(X.double())
+        except RuntimeError:
+            values, vectors, failed = _eigh_one_by_one(X.double(), failed)
+        values, vectors = values.to(X.dtype), vectors.to(X.dtype)
+    failed = failed | ~torch.isfinite(values).all(dim=1) | ~torch.isfinite(vectors).flatten(1).all(dim=1)
+    return values, vectors, failed
+
+
+def _eigh_one_by_one(
+    X: torch.Tensor, failed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values = torch.ones(X.shape[:-1], dtype=X.dtype, device=X.device)
+    vectors = _eye_like(X).clone()
+    failed = failed.clone()
+    for i in range(X.shape[0]):
+        try:
+            values[i], vectors[i] = torch.linalg.eigh(X[i])
+        except RuntimeError:
+            failed[i] = True
+    return values, vectors, failed
+
+
+def eigh_inverse_root(
+    A: torch.Tensor, p: float, *, eps: float = 0.0, eigen_fix: EigenFix = "shift"
+) -> torch.Tensor:
+    """``A^(-1/p)`` by eigendecomposition, with the eigenvalues of ``A + eps·I`` treated first.
+
+    With ``λ`` the eigenvalues of ``A + eps·I`` and ``A = Q diag(λ_A) Qᵀ``:
+
+    - ``"shift"`` (Shampoo's treatment): ``λ ← λ − min(λ_min, 0) + eps``, so the smallest is at least
+      ``eps`` (``eps`` is thus added twice to a PSD matrix, as in Distributed Shampoo and DASH).
+    - ``"pinv"``: pseudo-inverse root: eigenvalues ``λ_A = λ − eps`` at or below
+      ``max(eps, n·ε_machine·λ_max)`` contribute zero instead of a huge value.
+    - ``"abs"``: ``λ ← |λ_A| + eps``.
+
+    Then ``A^(-1/p) = Q diag(λ^(-1/p)) Qᵀ``. Matrices whose decomposition fails come out as NaN
+    (see :func:`eigh_with_fallback`). With ``eps = 0`` a singular matrix gives ``inf`` except with
+    ``"pinv"``.
+    """
+    values, vectors, failed = eigh_with_fallback(_with_ridge(A, eps))
+    if eigen_fix == "shift":
+        values = values - values.amin(dim=-1, keepdim=True).clamp_max(0) + eps
+        weights = values.pow(-1.0 / p)
+    elif eigen_fix == "abs":
+        weights = ((values - eps).abs() + eps).pow(-1.0 / p)
+    else:
+        values = values - eps
+        n = values.shape[-1]
+        cutoff = (n * torch.finfo(values.dtype).eps * values.amax(dim=-1, keepdim=True)).clamp_min(eps)
+        keep = values > cutoff
+        weights = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p), 0.0)
+    root = _symmetrize((vectors * weights[:, None, :]) @ vectors.mT)
+    return root.masked_fill_(failed[:, None, None], float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterations with a per-matrix stopping rule kept on the device
+# ---------------------------------------------------------------------------------------------
+
+
+def _max_abs_deviation_from_identity(M: torch.Tensor) -> torch.Tensor:
+    """``max_ij |M − I|_ij`` per matrix, shape (N,)."""
+    D = M.clone()
+    D.diagonal(dim1=-2, dim2=-1).sub_(1)
+    return D.abs().flatten(1).amax(dim=1)
+
+
+def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
+    """``N^p`` for integer ``p >= 1`` by repeated squaring."""
+    result = None
+    base = N
+    while True:
+        if p & 1:
+            result = base if result is None else bmm(result, base, precision)
+        p >>= 1
+        if not p:
+            return result
+        base = bmm(base, base, precision)
+
+
+def newton_inverse_root(
+    A: torch.Tensor,
+    p: int,
+    *,
+    eps: float = 0.0,
+    steps: int = 10,
+    tol: float | None = None,
+    scaling: Scaling = "power_multi",
+    scaling_steps: int = 10,
+    num_vectors: int = 16,
+    safety: float = 2.0,
+    precision: Precision = "fp32",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + eps·I)^(-1/p)`` by the coupled Newton iteration, for any integer ``p >= 1``.
+
+    With ``s`` from :func:`spectral_scale` and ``z = (p + 1) / (2 s)``, start from
+    ``X_0 = z^(1/p) I`` and ``M_0 = z (A + eps·I)`` (eigenvalues in ``(0, (p+1)/2]``) and iterate
+
+        ``N_k = ((p + 1) I − M_k) / p``,  ``X_{k+1} = X_k N_k``,  ``M_{k+1} = N_k^p M_k``,
+
+    so ``M_k = X_k^p A → I`` and ``X_k → A^(-1/p)``. ``X_k N_k`` is accumulated in fp32; the products
+    that form ``M`` run at ``precision``. With ``tol``, a matrix stops changing once
+    ``max|M_k − I| < tol`` (a mask on the device: no host synchronisation); ``steps`` is then the
+    maximum number of iterations.
+
+    Returns:
+        ``(root, iterations)``: the root in ``A``'s dtype and, per matrix, the iterations applied.
+    """
+    X = _with_ridge(A, eps)
+    scale = spectral_scale(
+        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
+    )
+    z = ((p + 1) / (2 * scale))[:, None, None]
+    M = X * z
+    root = _eye_like(X) * z.pow(1.0 / p)
+    identity = _eye_like(X)
+    active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
+    iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
+    for _ in range(steps):
+        if tol is not None:
+            active = active & (_max_abs_deviation_from_identity(M) >= tol)
+        N = identity * ((p + 1) / p) - M / p
+        new_root = bmm(root, N, "fp32")
+        new_M = bmm(_power(N, p, precision), M, precision)
+        keep = active[:, None, None]
+        root = torch.where(keep, new_root, root)
+        M = torch.where(keep, new_M, M)
+        iterations += active
+    return _symmetrize(root).to(A.dtype), iterations
+
+
+def _ndb_stage(
+    X: torch.Tensor, scale: torch.Tensor, steps: int, tol: float | None, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coupled Newton–Schulz iteration for ``B = X / s``: ``Y → B^(1/2)``, ``Z → B^(-1/2)``.
+
+    ``E_k = (3 I − Z_k Y_k) / 2``, ``Y_{k+1} = Y_k E_k``, ``Z_{k+1} = E_k Z_k`` from ``Y_0 = B``,
+    ``Z_0 = I`` (three matmuls a step, no inverse). It converges while the spectrum of ``B`` lies in
+    ``(0, 2)``. Returns ``(Y, Z, iterations)``, not yet rescaled.
+    """
+    Y = X / scale[:, None, None]
+    identity = _eye_like(X)
+    Z = identity.clone()
+    active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
+    iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
+    for k in range(steps):
+        ZY = Y if k == 0 else bmm(Z, Y, precision)
+        if tol is not None:
+            active = active & (_max_abs_deviation_from_identity(ZY) >= tol)
+        E = identity * 1.5 - ZY * 0.5
+        new_Y = bmm(Y, E, precision)
+        new_Z = E if k == 0 else bmm(E, Z, precision)
+        keep = active[:, None, None]
+        Y = torch.where(keep, new_Y, Y)
+        Z = torch.where(keep, new_Z, Z)
+        iterations += active
+    return Y, Z, iterations
+
+
+def ndb_inverse_root(
+    A: torch.Tensor,
+    p: int,
+    *,
+    eps: float = 0.0,
+    steps: int = 10,
+    tol: float | None = None,
+    scaling: Scaling = "power_multi",
+    scaling_steps: int = 10,
+    num_vectors: int = 16,
+    safety: float = 2.0,
+    precision: Precision = "fp32",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + eps·I)^(-1/p)`` for ``p = 2^k`` by Newton–Denman–Beavers stages (see :func:`_ndb_stage`).
+
+    ``p = 2``: one stage, ``A^(-1/2) = Z / sqrt(s)``. ``p = 2^k``: ``k − 1`` square-root stages
+    (``S ← Y·sqrt(s)``) then one inverse-square-root stage; the scale of each later stage is the
+    square root of the previous one, since ``λ_max(A^(1/2)) = λ_max(A)^(1/2)`` (no new estimate).
+    ``p = 1``: ``A^(-1) = (A^(-1/2))²``. Each stage runs ``steps`` iterations (fewer per matrix once
+    ``max|Z Y − I| < tol`` when ``tol`` is given).
+
+    Returns:
+        ``(root, iterations)``: the root in ``A``'s dtype and the iterations of all stages per matrix.
+    """
+    X = _with_ridge(A, eps)
+    scale = spectral_scale(
+        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
+    )
+    total = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
+    for _ in range(max(int(math.log2(p)), 1) - 1):
+        Y, _, iterations = _ndb_stage(X, scale, steps, tol, precision)
+        X = _symmetrize(Y * scale.sqrt()[:, None, None])
+        scale = scale.sqrt()
+        total += iterations
+    _, Z, iterations = _ndb_stage(X, scale, steps, tol, precision)
+    total += iterations
+    root = Z / scale.sqrt()[:, None, None]
+    if p == 1:
+        root = bmm(root, root, "fp32")
+    return _symmetrize(root).to(A.dtype), total
+
+
+# ---------------------------------------------------------------------------------------------
+# Chebyshev series with Clenshaw's recurrence
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _chebyshev_coefficients_fp64(p: float, degree: int, lower: float) -> torch.Tensor:
+    """Coefficients ``c_0..c_d`` (``c_0`` already halved) of ``f(t) = ((t + 1)/2 + lower)^(-1/p)`` on
+    ``t ∈ [−1, 1]``, i.e. ``x^(-1/p)`` on ``x ∈ [lower, 1 + lower]``, by the discrete Chebyshev
+    transform on ``N = max(1024, 8(d + 1))`` Chebyshev nodes, in float64.
+    """
+    nodes = max(1024, 8 * (degree + 1))
+    theta = math.pi * (torch.arange(nodes, dtype=torch.float64) + 0.5) / nodes
+    values = ((torch.cos(theta) + 1) / 2 + lower).pow(-1.0 / p)
+    k = torch.arange(degree + 1, dtype=torch.float64)
+    coefficients = (2.0 / nodes) * (values[None, :] * torch.cos(k[:, None] * theta[None, :])).sum(dim=1)
+    coefficients[0] /= 2
+    return coefficients
+
+
+@functools.lru_cache(maxsize=64)
+def chebyshev_coefficients(
+    p: float, degree: int, lower: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The coefficients of :func:`_chebyshev_coefficients_fp64`, cached per device and dtype."""
+    return _chebyshev_coefficients_fp64(p, degree, lower).to(device=device, dtype=dtype)
+
+
+def chebyshev_inverse_root(
+    A: torch.Tensor,
+    p: float,
+    *,
+    eps: float = 0.0,
+    degree: int = 40,
+    interval_lower: float = 1e-3,
+    scaling: Scaling = "bound",
+    scaling_steps: int = 10,
+    num_vectors: int = 16,
+    safety: float = 2.0,
+    precision: Precision = "fp32",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(A + eps·I + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, with ``a = interval_lower``.
+
+    With ``B = (A + eps·I) / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series
+    approximates ``(B + a·I)^(-1/p)`` on ``[a, 1 + a]`` in the variable ``T = 2B − I``; Clenshaw's
+    recurrence ``b_k = 2 T b_{k+1} − b_{k+2} + c_k I``, result ``T b_1 − b_2 + c_0 I``, costs ``d``
+    matmuls. Multiplying by ``s^(-1/p)`` undoes the scaling. The relative ridge ``a·s`` keeps the
+    function smooth on the interval: the series converges geometrically at a rate set by ``a``
+    (about ``exp(−2 d sqrt(a))``), so eigenvalues far below ``a·λ_max`` are damped, not inverted.
+    The default ``"bound"`` scaling guarantees ``s >= λ_max``, so no eigenvalue leaves the interval.
+    """
+    X = _with_ridge(A, eps)
+    scale = spectral_scale(
+        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
+    )
+    coefficients = chebyshev_coefficients(float(p), degree, float(interval_lower), X.device, X.dtype).tolist()
+    T = X * (2 / scale)[:, None, None]
+    T.diagonal(dim1=-2, dim2=-1).sub_(1)
+    b_next = torch.zeros_like(X)  # b_{k+1}
+    b_after = torch.zeros_like(X)  # b_{k+2}
+    for c in reversed(coefficients[1:]):
+        b_k = bmm(T, b_next, precision).mul_(2).sub_(b_after)
+        b_k.diagonal(dim1=-2, dim2=-1).add_(c)
+        b_after, b_next = b_next, b_k
+    result = bmm(T, b_next, precision).sub_(b_after)
+    result.diagonal(dim1=-2, dim2=-1).add_(coefficients[0])
+    result *= scale.pow(-1.0 / p)[:, None, None]
+    return _symmetrize(result).to(A.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def inverse_root(
+    A: torch.Tensor,
+    p: float,
+    method: Method = "eigh",
+    *,
+    eps: float = 0.0,
+    eigen_fix: EigenFix = "shift",
+    steps: int = 10,
+    tol: float | None = None,
+    scaling: Scaling | None = None,
+    scaling_steps: int = 10,
+    num_vectors: int = 16,
+    safety: float = 2.0,
+    precision: Precision = "fp32",
+    degree: int = 40,
+    interval_lower: float = 1e-3,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(A + eps·I)^(-1/p)`` for every matrix of the symmetric PSD stack ``A`` (N, n, n).
+
+    Args:
+        A: stack of symmetric PSD matrices, any floating dtype, any N >= 0 and n >= 1.
+        p: the root. ``"eigh"`` and ``"chebyshev"``: any real ``p > 0``; ``"newton"``: an integer
+            ``>= 1``; ``"ndb"``: 1 or a power of two.
+        method: ``"eigh"``, ``"newton"`` (coupled Newton), ``"ndb"`` (Newton–Denman–Beavers) or
+            ``"chebyshev"`` (Chebyshev series with Clenshaw).
+        eps: ridge added to the diagonal before the root, ``>= 0``.
+        eigen_fix: eigenvalue treatment of ``"eigh"``: ``"shift"``, ``"pinv"`` or ``"abs"``.
+        steps: iterations of ``"newton"`` and ``"ndb"`` (per stage); the maximum when ``tol`` is set.
+        tol: per-matrix stopping tolerance on ``max|M − I|`` for the iterative methods.
+        scaling: spectral scale of the iterative methods: ``"fro"``, ``"power"``,
+            ``"power_multi"`` or ``"bound"``; ``None`` picks ``"power_multi"`` for the Newton
+            methods and ``"bound"`` for Chebyshev.
+        scaling_steps, num_vectors, safety: power-iteration steps, vectors and safety factor.
+        precision: matmul precision of the iterative methods: ``"fp32"``, ``"tf32"``, ``"bf16"``
+            or ``"fp16"`` (fp32 accumulation).
+        degree, interval_lower: Chebyshev degree and relative lower end of the fit interval.
+        generator: random source of power iteration; the global RNG is never used.
+        out: optional output tensor of ``A``'s shape and dtype.
+
+    Returns:
+        The roots in ``A``'s dtype (``out`` when given). A matrix whose eigendecomposition fails
+        comes out as NaN; other matrices are unaffected.
+
+    Raises:
+        TypeError: ``A`` is not a floating tensor of shape (N, n, n), or ``out`` does not match.
+        ValueError: an option is outside its allowed values.
+    """
+    check_stack("A", A)
+    check_choice("method", method, METHODS)
+    check_choice("eigen_fix", eigen_fix, EIGEN_FIXES)
+    check_choice("precision", precision, PRECISIONS)
+    if scaling is None:
+        scaling = "bound" if method == "chebyshev" else "power_multi"
+    check_choice("scaling", scaling, SCALINGS)
+    check_number("p", p, low=0, low_open=True)
+    if method == "newton" and (not isinstance(p, int) or isinstance(p, bool)):
+        raise ValueError(f"p must be an integer >= 1 for method 'newton'; got {p!r}")
+    if method == "ndb" and not (isinstance(p, int) and p >= 1 and p & (p - 1) == 0):
+        raise ValueError(f"p must be 1 or a power of two (2, 4, 8, ...) for method 'ndb'; got {p!r}")
+    check_number("eps", eps, low=0)
+    check_number("steps", steps, low=1, integer=True)
+    if tol is not None:
+        check_number("tol", tol, low=0, low_open=True)
+    check_number("scaling_steps", scaling_steps, low=0, integer=True)
+    check_number("num_vectors", num_vectors, low=1, integer=True)
+    check_number("safety", safety, low=0, low_open=True)
+    check_number("degree", degree, low=1, integer=True)
+    check_number("interval_lower", interval_lower, low=0, low_open=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or out.shape != A.shape or out.dtype != A.dtype
+    ):
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"out must be a tensor of shape {tuple(A.shape)} and dtype {A.dtype}; got {got}")
+
+    if A.shape[0] == 0:
+        root = A.new_empty(A.shape)
+    elif method == "eigh":
+        root = eigh_inverse_root(A, p, eps=eps, eigen_fix=eigen_fix).to(A.dtype)
+    else:
+        iterative = dict(
+            eps=eps,
+            scaling=scaling,
+            scaling_steps=scaling_steps,
+            num_vectors=num_vectors,
+            safety=safety,
+            precision=precision,
+            generator=generator,
+        )
+        if method == "chebyshev":
+            root = chebyshev_inverse_root(A, p, degree=degree, interval_lower=interval_lower, **iterative)
+        else:
+            solver = newton_inverse_root if method == "newton" else ndb_inverse_root
+            root, _ = solver(A, p, steps=steps, tol=tol, **iterative)
+    if out is None:
+        return root
+    return out.copy_(root)
