@@ -2,7 +2,8 @@
 
 from . import linalg
 from .linalg import inverse_root
+from .optimizer import DASH
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "inverse_root", "linalg"]
+__all__ = ["DASH", "__version__", "inverse_root", "linalg"]

@@ -1,0 +1,677 @@
+"""DASH: block Shampoo with every block of equal shape processed in one batched operation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+
+from ._checks import check_choice, check_number
+from .blocking import BlockPlan
+from .linalg import inverse_root
+from .linalg.precision import PRECISIONS
+from .linalg.roots import EIGEN_FIXES, METHODS
+from .linalg.scaling import SCALINGS
+from .preconditioner import (
+    GRAFTINGS,
+    accumulate_factor,
+    accumulate_second_moment,
+    graft,
+    grafting_direction,
+    precondition,
+)
+from .stacks import Bank, Member, Stack, bind
+
+Stacking = Literal["global", "layer", "none"]
+STACKINGS: tuple[str, ...] = ("global", "layer", "none")
+NONFINITE: tuple[str, ...] = ("skip", "raise")
+ONE_DIM: tuple[str, ...] = ("shampoo", "adam")
+
+# Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
+_LAYOUT_KEYS = (
+    "block_size",
+    "one_dim",
+    "matrix_root",
+    "precondition_frequency",
+    "start_preconditioning_step",
+    "stagger",
+    "root_method",
+    "root_eps",
+    "root_steps",
+    "root_tol",
+    "scaling",
+    "scaling_steps",
+    "num_vectors",
+    "safety",
+    "precision",
+    "eigen_fix",
+    "chebyshev_degree",
+    "chebyshev_interval_lower",
+    "grafting",
+    "momentum",
+)
+
+
+class DASH(Optimizer):
+    r"""Distributed Accelerated SHampoo: block Shampoo, batched over blocks of equal shape.
+
+    Each parameter is cut into blocks of at most ``block_size``² (see :mod:`dash_shampoo.blocking`).
+    Per block, with raw gradient ``g`` and step ``t``:
+
+    .. math::
+
+        L &\leftarrow \beta_f L + (1-\beta_f)\, g g^\top,\qquad
+        R \leftarrow \beta_f R + (1-\beta_f)\, g^\top g \\
+        \tilde G &\leftarrow \beta_1 \tilde G + (1-\beta_1) g,\qquad \hat G = \tilde G / (1-\beta_1^t) \\
+        U &= L^{-1/p} \hat G R^{-1/p},\qquad P = U\,\lVert D\rVert_F / \lVert U\rVert_F \\
+        W &\leftarrow W (1 - \mathrm{lr}\cdot\mathrm{wd}) - \mathrm{lr}\cdot P
+
+    with ``D`` the grafting method's direction (Adam by default), ``p = 4`` for blocks with two
+    preconditioned sides and ``p = 2`` with one (vectors), and the roots refreshed every
+    ``precondition_frequency`` steps by one batched solver call per factor size. Before
+    ``start_preconditioning_step`` the update is ``D`` itself.
+
+    Args:
+        params: parameters or parameter groups; every option below may be set per group.
+        lr: learning rate (a float or a 0-d tensor).
+        betas: ``(β₁, β₂)``: EMA of the gradient (0 disables it) and of the grafting second moment.
+        eps: grafting denominator ``sqrt(v̂) + eps``.
+        weight_decay: decoupled weight decay ``W ← W (1 − lr·wd)``.
+        block_size: largest block side ``B`` (the paper's 1024).
+        factor_beta: EMA of ``L`` and ``R``; 1 gives plain sums (AdaGrad-style).
+        precondition_frequency: refresh the roots when ``t == start`` or ``t % frequency == 0``.
+        start_preconditioning_step: first step that uses the Shampoo direction (from 1).
+        stagger: spread the refreshes of each frequency window evenly over its steps (factor
+            ``k`` of the plan is refreshed when ``t % frequency == k % frequency``).
+        grafting: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``"none"`` (no norm matching).
+        bias_correction: bias-correct the gradient EMA and Adam's second moment.
+        momentum: momentum ``μ`` on the final direction: ``M ← μM + P``; Nesterov ``P + μM``.
+        nesterov: use Nesterov momentum.
+        root_method: ``"eigh"``, ``"newton"``, ``"ndb"`` or ``"chebyshev"``
+            (:func:`dash_shampoo.linalg.inverse_root`).
+        root_eps: ridge added to each factor's diagonal before the root.
+        root_steps, root_tol: iterations (and optional per-matrix tolerance) of the Newton methods.
+        scaling, scaling_steps, num_vectors, safety: spectral scaling of the iterative methods.
+        precision: matmul precision of the iterative solvers (``"fp32"``, ``"tf32"``, ``"bf16"``,
+            ``"fp16"``).
+        eigen_fix: eigenvalue treatment of ``"eigh"`` (``"shift"``, ``"pinv"``, ``"abs"``).
+        chebyshev_degree, chebyshev_interval_lower: Chebyshev options.
+        one_dim: ``"shampoo"`` (full-matrix preconditioning of length-``B`` chunks, the paper's
+            choice) or ``"adam"`` (elementwise, the grafting method alone) for 0-D/1-D parameters.
+        matrix_root: override ``p`` for every factor (``None``: 4, or 2 for one-sided blocks).
+        maximize: maximize the objective.
+        stacking: ``"global"`` (one stack per block shape over all parameters of a group, one
+            solver call per factor size), ``"layer"`` (per parameter) or ``"none"`` (a loop over
+            blocks, the sequential baseline). All three give the same update.
+        nonfinite: on a non-finite gradient, ``"skip"`` the step (counted in
+            :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
+        seed: seed of the power-iteration start vectors (the global RNG is never used).
+
+    A root refresh that fails or is not finite keeps the previous root of that factor (the identity
+    before the first success) and is counted in :attr:`root_failures`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        block_size: int = 1024,
+        factor_beta: float = 0.95,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int = 1,
+        stagger: bool = False,
+        grafting: str = "adam",
+        bias_correction: bool = True,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        root_method: str = "ndb",
+        root_eps: float = 1e-10,
+        root_steps: int = 10,
+        root_tol: float | None = None,
+        scaling: str = "power_multi",
+        scaling_steps: int = 10,
+        num_vectors: int = 16,
+        safety: float = 2.0,
+        precision: str = "fp32",
+        eigen_fix: str = "shift",
+        chebyshev_degree: int = 40,
+        chebyshev_interval_lower: float = 1e-3,
+        one_dim: str = "shampoo",
+        matrix_root: int | None = None,
+        maximize: bool = False,
+        stacking: str = "global",
+        nonfinite: str = "skip",
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            factor_beta=factor_beta,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            stagger=stagger,
+            grafting=grafting,
+            bias_correction=bias_correction,
+            momentum=momentum,
+            nesterov=nesterov,
+            root_method=root_method,
+            root_eps=root_eps,
+            root_steps=root_steps,
+            root_tol=root_tol,
+            scaling=scaling,
+            scaling_steps=scaling_steps,
+            num_vectors=num_vectors,
+            safety=safety,
+            precision=precision,
+            eigen_fix=eigen_fix,
+            chebyshev_degree=chebyshev_degree,
+            chebyshev_interval_lower=chebyshev_interval_lower,
+            one_dim=one_dim,
+            matrix_root=matrix_root,
+            maximize=maximize,
+        )
+        _check_group(defaults)
+        self.stacking = check_choice("stacking", stacking, STACKINGS)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
+        self.seed = check_number("seed", seed, low=0, integer=True)
+        super().__init__(params, defaults)
+        self._plan: _Plan | None = None
+        self._failures: dict[torch.device, torch.Tensor] = {}
+        self.skipped_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see :class:`torch.optim.Optimizer`); its options are validated first."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(
+                        f"DASH does not support complex parameters; got a parameter of dtype {p.dtype}"
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(f"DASH needs floating-point parameters; got dtype {p.dtype}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+        self._plan = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plan", None)
+        self.__dict__.setdefault("_failures", {})
+        self.__dict__.setdefault("skipped_steps", 0)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @property
+    def root_failures(self) -> int:
+        """Number of factor roots whose refresh failed or was not finite (the old root was kept)."""
+        return int(sum(int(count) for count in self._failures.values()))
+
+    # ------------------------------------------------------------------------------------------
+    # state_dict
+    # ------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`, whatever the stacking mode that saved it.
+
+        Unlike the base class, floating state stays float32 (it is not cast to a bf16
+        parameter's dtype); it is moved to each parameter's device.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params):
+            if index not in saved_state:
+                continue
+            self.state[p] = {key: _restore(key, value, p.device) for key, value in saved_state[index].items()}
+        self._plan = None
+
+    # ------------------------------------------------------------------------------------------
+    # step
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (``None`` without closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("DASH does not support sparse gradients")
+                active.add(p)
+        if not active:
+            return loss
+        plan = self._plan
+        if plan is None or not plan.covers(active) or plan.signature != _signature(self.param_groups):
+            plan = self._plan = _Plan.build(self, active)
+
+        for stack in plan.stacks:
+            _gather_gradients(stack, self.param_groups[stack.group]["maximize"])
+        if not self._gradients_finite(plan):
+            return loss
+
+        inactive = [p for p in plan.params if p not in active]
+        saved = plan.save_rows(inactive) if inactive else None
+        for p in active:
+            self.state[p]["step"] += 1
+        for stack in plan.stacks:
+            self._update_statistics(stack)
+        for bank in plan.banks:
+            self._refresh(bank)
+        self._apply_weight_decay(active)
+        targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
+        for stack in plan.stacks:
+            self._update_parameters(stack, targets, active)
+        for p, target in targets.items():
+            if target is not p:
+                p.copy_(target)
+        if saved is not None:
+            plan.restore_rows(saved)
+        return loss
+
+    def _gradients_finite(self, plan: _Plan) -> bool:
+        flags = [torch.isfinite(stack.grad).all() for stack in plan.stacks]
+        if all(bool(f) for f in torch.stack([f.cpu() for f in flags])):
+            return True
+        if self.nonfinite == "raise":
+            names = sorted(
+                {
+                    f"group {stack.group}, shape {tuple(m.param.shape)}"
+                    for stack, flag in zip(plan.stacks, flags)
+                    if not bool(flag)
+                    for m in stack.members
+                }
+            )
+            raise FloatingPointError(f"DASH got a non-finite gradient in: {'; '.join(names)}")
+        self.skipped_steps += 1
+        return False
+
+    def _row_values(self, stack: Stack, fn: Callable[[int], Any]) -> Any:
+        """``fn(t)`` for the stack's rows: a scalar when all members share ``t``, else (S, 1, 1)."""
+        steps = [int(self.state[m.param]["step"]) for m in stack.members]
+        if all(s == steps[0] for s in steps):
+            return fn(steps[0])
+        values = [fn(s) for m, s in zip(stack.members, steps) for _ in range(m.count)]
+        return torch.tensor(values, device=stack.grad.device).view(-1, 1, 1)
+
+    def _update_statistics(self, stack: Stack) -> None:
+        group = self.param_groups[stack.group]
+        g = stack.grad
+        for side, location in (("left", stack.left), ("right", stack.right)):
+            if location is not None:
+                bank, first = location
+                accumulate_factor(bank.factors[first : first + stack.rows], g, side, group["factor_beta"])
+        if "moment" in stack.tensors:
+            accumulate_second_moment(stack.tensors["moment"], g, group["grafting"], group["betas"][1])
+        beta1 = group["betas"][0]
+        if beta1 > 0:
+            stack.tensors["grad_ema"].lerp_(g, 1 - beta1)
+
+    def _refresh(self, bank: Bank) -> None:
+        group = self.param_groups[bank.group]
+        rows = self._due_rows(bank, group)
+        if rows is None:
+            return
+        device = bank.factors.device
+        step = max(int(self.state[m.param]["step"]) for m, _ in bank.members)
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        factors = bank.factors if rows == "all" else bank.factors.index_select(0, rows)
+        old = bank.roots if rows == "all" else bank.roots.index_select(0, rows)
+        new = inverse_root(
+            factors,
+            bank.root,
+            group["root_method"],
+            eps=group["root_eps"],
+            eigen_fix=group["eigen_fix"],
+            steps=group["root_steps"],
+            tol=group["root_tol"],
+            scaling=group["scaling"],
+            scaling_steps=group["scaling_steps"],
+            num_vectors=group["num_vectors"],
+            safety=group["safety"],
+            precision=group["precision"],
+            degree=group["chebyshev_degree"],
+            interval_lower=group["chebyshev_interval_lower"],
+            generator=generator,
+        )
+        ok = torch.isfinite(new).flatten(1).all(dim=1)
+        new = torch.where(ok[:, None, None], new, old)
+        if rows == "all":
+            bank.roots.copy_(new)
+        else:
+            bank.roots.index_copy_(0, rows, new)
+        failures = self._failures.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
+        failures += (~ok).sum()
+
+    def _due_rows(self, bank: Bank, group: dict[str, Any]) -> str | torch.Tensor | None:
+        """Rows of ``bank`` whose roots are refreshed this step: ``"all"``, an index tensor, or None."""
+        start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
+        due: list[int] = []
+        for first, (member, _) in zip(bank.member_rows(), bank.members):
+            t = int(self.state[member.param]["step"])
+            if t < start:
+                continue
+            if t == start or (not group["stagger"] and t % frequency == 0):
+                due.extend(range(first, first + member.count))
+            elif group["stagger"]:
+                phase = t % frequency
+                ordinals = bank.ordinals[first : first + member.count]
+                due.extend(first + k for k, o in enumerate(ordinals) if o % frequency == phase)
+        if not due:
+            return None
+        if len(due) == bank.rows:
+            return "all"
+        return torch.tensor(due, device=bank.factors.device)
+
+    def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            params = [p for p in group["params"] if p in active]
+            if wd and params:
+                torch._foreach_mul_(params, 1 - group["lr"] * wd)
+
+    def _update_parameters(
+        self, stack: Stack, targets: dict[torch.Tensor, torch.Tensor], active: set[torch.Tensor]
+    ) -> None:
+        group = self.param_groups[stack.group]
+        beta1, beta2 = group["betas"]
+        correct = group["bias_correction"]
+        g_hat = stack.tensors["grad_ema"] if beta1 > 0 else stack.grad
+        if correct and beta1 > 0:
+            g_hat = g_hat / self._row_values(stack, lambda t: 1 - beta1**t)
+        bias2 = self._row_values(stack, lambda t: 1 - beta2**t) if correct else 1.0
+        direction = grafting_direction(
+            g_hat, stack.tensors.get("moment"), group["grafting"], group["eps"], bias2
+        )
+        start = group["start_preconditioning_step"]
+        started = self._row_values(stack, lambda t: t >= start)
+        if stack.left is not None or stack.right is not None:
+            if started is not False:
+                left = _roots(stack.left, stack.rows)
+                right = _roots(stack.right, stack.rows)
+                U = precondition(g_hat, left, right)
+                shampoo = U if group["grafting"] == "none" else graft(U, direction)
+                direction = shampoo if started is True else torch.where(started, shampoo, direction)
+            elif group["grafting"] == "none":
+                direction = g_hat
+        mu = group["momentum"]
+        if mu > 0:
+            buffer = stack.tensors["momentum"]
+            buffer.mul_(mu).add_(direction)
+            direction = direction.add(buffer, alpha=mu) if group["nesterov"] else buffer.clone()
+        direction = direction * group["lr"]
+        row = 0
+        for member in stack.members:
+            if member.param in active:
+                member.subtract_from(targets[member.param], direction[row : row + member.count])
+            row += member.count
+
+
+def _roots(location: tuple[Bank, int] | None, rows: int) -> torch.Tensor | None:
+    if location is None:
+        return None
+    bank, first = location
+    return bank.roots[first : first + rows]
+
+
+def _restore(key: str, value: Any, device: torch.device) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key == "step":
+        return value.detach().to(device="cpu", dtype=torch.int64).clone()
+    return value.detach().to(device=device, dtype=torch.float32).clone()
+
+
+def _gather_gradients(stack: Stack, maximize: bool) -> None:
+    row = 0
+    for member in stack.members:
+        rows = stack.grad[row : row + member.count]
+        if member.param.grad is None:
+            rows.zero_()
+        else:
+            member.gather(member.param.grad, rows)
+        row += member.count
+    if maximize:
+        stack.grad.neg_()
+
+
+def _signature(groups: list[dict[str, Any]]) -> tuple:
+    return tuple(tuple(_freeze(group[key]) for key in _LAYOUT_KEYS) for group in groups)
+
+
+def _freeze(value: Any) -> Any:
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Validate every option of a parameter group (constructor defaults or a group override)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a tensor must have one element; got shape {tuple(lr.shape)}")
+    check_number("lr", lr, low=0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
+    check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+    check_number("eps", group["eps"], low=0)
+    check_number("weight_decay", group["weight_decay"], low=0)
+    check_number("block_size", group["block_size"], low=1, integer=True)
+    check_number("factor_beta", group["factor_beta"], low=0, high=1, low_open=True)
+    check_number("precondition_frequency", group["precondition_frequency"], low=1, integer=True)
+    check_number("start_preconditioning_step", group["start_preconditioning_step"], low=1, integer=True)
+    for flag in ("stagger", "bias_correction", "nesterov", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be a bool; got {group[flag]!r}")
+    check_choice("grafting", group["grafting"], GRAFTINGS)
+    check_number("momentum", group["momentum"], low=0, high=1, high_open=True)
+    check_choice("root_method", group["root_method"], METHODS)
+    check_number("root_eps", group["root_eps"], low=0)
+    check_number("root_steps", group["root_steps"], low=1, integer=True)
+    if group["root_tol"] is not None:
+        check_number("root_tol", group["root_tol"], low=0, low_open=True)
+    check_choice("scaling", group["scaling"], SCALINGS)
+    check_number("scaling_steps", group["scaling_steps"], low=0, integer=True)
+    check_number("num_vectors", group["num_vectors"], low=1, integer=True)
+    check_number("safety", group["safety"], low=0, low_open=True)
+    check_choice("precision", group["precision"], PRECISIONS)
+    check_choice("eigen_fix", group["eigen_fix"], EIGEN_FIXES)
+    check_number("chebyshev_degree", group["chebyshev_degree"], low=1, integer=True)
+    check_number("chebyshev_interval_lower", group["chebyshev_interval_lower"], low=0, low_open=True)
+    check_choice("one_dim", group["one_dim"], ONE_DIM)
+    root = group["matrix_root"]
+    if root is not None:
+        check_number("matrix_root", root, low=1, integer=True)
+        if group["root_method"] == "ndb" and root & (root - 1):
+            raise ValueError(f"matrix_root must be 1 or a power of two with root_method 'ndb'; got {root}")
+
+
+class _Plan:
+    """The stacks and banks of all parameters that have state, bound to ``optimizer.state``."""
+
+    def __init__(self, signature: tuple) -> None:
+        self.stacks: list[Stack] = []
+        self.banks: list[Bank] = []
+        self.params: list[torch.Tensor] = []
+        self.signature = signature
+
+    def covers(self, active: set[torch.Tensor]) -> bool:
+        """True when every parameter with a gradient already has its blocks in the plan."""
+        return active.issubset(self.param_set)
+
+    @classmethod
+    def build(cls, optimizer: DASH, active: set[torch.Tensor]) -> _Plan:
+        """Plan every parameter that has state or a gradient now, and bind the state buffers.
+
+        Pass 1 puts each region (or, without stacking, each block) into the stack of its scope and
+        block shape; pass 2 appends each stack's factors to the bank of its scope, factor size and
+        root, stack by stack, so every stack sees its factors as contiguous bank rows.
+        """
+        plan = cls(_signature(optimizer.param_groups))
+        stacks: dict[tuple, Stack] = {}
+        ordinals: dict[tuple[int, str], range] = {}  # (id(member), side) -> factor ordinals
+        next_ordinal = 0
+        for g_index, group in enumerate(optimizer.param_groups):
+            for p_index, p in enumerate(group["params"]):
+                state = optimizer.state[p]
+                if p.numel() == 0 or (p not in active and "step" not in state):
+                    continue
+                plan.params.append(p)
+                state.setdefault("step", torch.zeros((), dtype=torch.int64))
+                blocking = BlockPlan.build(p.shape, group["block_size"], group["one_dim"])
+                for r_index, region in enumerate(blocking.regions):
+                    _check_region(state, r_index, region.count, region.block, p.shape)
+                    sides = blocking.sides(region)
+                    per_block = optimizer.stacking == "none"
+                    chunks = [(k, 1) for k in range(region.count)] if per_block else [(0, region.count)]
+                    for first, count in chunks:
+                        member = Member(p, blocking, r_index, first, count)
+                        scope = _scope(optimizer.stacking, g_index, p_index, r_index, first)
+                        key = (scope, p.device, region.block)
+                        if key not in stacks:
+                            stacks[key] = Stack(region.block, g_index, scope)
+                        stacks[key].add(member)
+                        for s_index, (side, _) in enumerate(sides):
+                            start = next_ordinal + s_index * region.count + first
+                            ordinals[id(member), side] = range(start, start + count)
+                    next_ordinal += len(sides) * region.count
+        plan.stacks = list(stacks.values())
+        banks: dict[tuple, Bank] = {}
+        for stack in plan.stacks:
+            group = optimizer.param_groups[stack.group]
+            first_member = stack.members[0]
+            region = first_member.plan.regions[first_member.region]
+            sides = first_member.plan.sides(region)
+            for side, size in sides:
+                root = group["matrix_root"] or (4 if len(sides) == 2 else 2)
+                bank_key = ((stack.scope, side) if optimizer.stacking == "none" else stack.scope, size, root)
+                bank = banks.get(bank_key)
+                if bank is None:
+                    bank = banks[bank_key] = Bank(size, root, stack.group)
+                first_row = None
+                for member in stack.members:
+                    row = bank.add(member, side, ordinals[id(member), side])
+                    first_row = row if first_row is None else first_row
+                setattr(stack, side, (bank, first_row))
+        plan.banks = list(banks.values())
+        plan.param_set = set(plan.params)
+        plan._bind(optimizer)
+        return plan
+
+    def _bind(self, optimizer: DASH) -> None:
+        """Allocate (or view) every stack and bank buffer from the per-parameter region tensors."""
+        for bank in self.banks:
+            factors, roots = [], []
+            for member, side in bank.members:
+                state = optimizer.state[member.param]
+                shape = (member.plan.regions[member.region].count, bank.size, bank.size)
+                device = member.param.device
+                factors.append(
+                    (state, f"{side}.{member.region}", member.first, member.count, _zeros(shape, device))
+                )
+                roots.append(
+                    (state, f"{side}_root.{member.region}", member.first, member.count, _eyes(shape, device))
+                )
+            bank.factors = bind(factors)
+            bank.roots = bind(roots)
+        for stack in self.stacks:
+            group = optimizer.param_groups[stack.group]
+            device = stack.members[0].param.device
+            for kind in _elementwise_kinds(group):
+                entries = []
+                for member in stack.members:
+                    shape = (member.plan.regions[member.region].count, *stack.shape)
+                    key = f"{kind}.{member.region}"
+                    state = optimizer.state[member.param]
+                    entries.append((state, key, member.first, member.count, _zeros(shape, device)))
+                stack.tensors[kind] = bind(entries)
+            stack.grad = torch.empty(stack.rows, *stack.shape, device=device)
+
+    def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of every state row that belongs to ``params`` (restored by :meth:`restore_rows`)."""
+        wanted = set(params)
+        saved = []
+        for stack in self.stacks:
+            rows = _member_first_rows(stack.members)
+            for first, member in zip(rows, stack.members):
+                if member.param in wanted:
+                    for tensor in stack.tensors.values():
+                        view = tensor[first : first + member.count]
+                        saved.append((view, view.clone()))
+        for bank in self.banks:
+            for first, (member, _) in zip(bank.member_rows(), bank.members):
+                if member.param in wanted:
+                    for tensor in (bank.factors, bank.roots):
+                        view = tensor[first : first + member.count]
+                        saved.append((view, view.clone()))
+        return saved
+
+    @staticmethod
+    def restore_rows(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write back the rows copied by :meth:`save_rows`."""
+        for view, copy in saved:
+            view.copy_(copy)
+
+
+def _member_first_rows(members: list[Member]) -> list[int]:
+    rows, row = [], 0
+    for member in members:
+        rows.append(row)
+        row += member.count
+    return rows
+
+
+def _elementwise_kinds(group: dict[str, Any]) -> list[str]:
+    kinds = []
+    if group["betas"][0] > 0:
+        kinds.append("grad_ema")
+    if group["grafting"] in ("adam", "rmsprop", "adagrad"):
+        kinds.append("moment")
+    if group["momentum"] > 0:
+        kinds.append("momentum")
+    return kinds
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
+    return lambda: torch.zeros(shape, device=device, dtype=torch.float32)
+
+
+def _eyes(shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
+    return lambda: torch.eye(shape[-1], device=device, dtype=torch.float32).expand(shape).clone()
+
+
+def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tuple:
+    if stacking == "global":
+        return (group,)
+    if stacking == "layer":
+        return (group, param)
+    return (group, param, region, first)
+
+
+def _check_region(state: dict, region: int, count: int, block: tuple[int, int], shape: torch.Size) -> None:
+    tensor = state.get(f"grad_ema.{region}", state.get(f"moment.{region}"))
+    if tensor is not None and tuple(tensor.shape) != (count, *block):
+        raise ValueError(
+            f"the saved state of a parameter of shape {tuple(shape)} has blocks {tuple(tensor.shape)}, "
+            f"but block_size now gives {(count, *block)}; load it with the block_size it was saved with"
+        )
