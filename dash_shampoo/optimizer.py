@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
+from . import distributed
 from ._checks import check_choice, check_number
 from .blocking import BlockPlan
 from .linalg import inverse_root
@@ -27,6 +30,7 @@ from .stacks import Bank, Member, Stack, bind
 Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
 NONFINITE: tuple[str, ...] = ("skip", "raise")
+COMMUNICATION: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ONE_DIM: tuple[str, ...] = ("shampoo", "adam")
 
 # Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
@@ -108,6 +112,11 @@ class DASH(Optimizer):
         nonfinite: on a non-finite gradient, ``"skip"`` the step (counted in
             :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
         seed: seed of the power-iteration start vectors (the global RNG is never used).
+        process_group: ranks that share the preconditioner work (default: the default group when
+            ``torch.distributed`` is initialised). Each rank refreshes and applies its share of the
+            blocks and the updates are all-gathered (:mod:`dash_shampoo.distributed`); every rank
+            must hold the same gradients (DDP). Call :meth:`state_dict` on every rank: it gathers.
+        communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
 
     A root refresh that fails or is not finite keeps the previous root of that factor (the identity
     before the first success) and is counted in :attr:`root_failures`.
@@ -148,6 +157,8 @@ class DASH(Optimizer):
         stacking: str = "global",
         nonfinite: str = "skip",
         seed: int = 0,
+        process_group: Any = None,
+        communication: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -183,6 +194,8 @@ class DASH(Optimizer):
         self.stacking = check_choice("stacking", stacking, STACKINGS)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.seed = check_number("seed", seed, low=0, integer=True)
+        self.communication = check_choice("communication", communication, tuple(COMMUNICATION))
+        self._group = distributed.resolve_group(process_group)
         super().__init__(params, defaults)
         self._plan: _Plan | None = None
         self._failures: dict[torch.device, torch.Tensor] = {}
@@ -206,8 +219,19 @@ class DASH(Optimizer):
             raise
         self._plan = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps"):
+            state[key] = getattr(self, key)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("stacking", "global")
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("seed", 0)
+        self.__dict__.setdefault("communication", "fp32")
+        self.__dict__.setdefault("_group", distributed.resolve_group(None))
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("skipped_steps", 0)
@@ -223,6 +247,27 @@ class DASH(Optimizer):
     # ------------------------------------------------------------------------------------------
     # state_dict
     # ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, per parameter and independent of stacking mode and world size.
+
+        With several ranks every rank must call it (it gathers each rank's blocks); every rank
+        gets the full state, which loads at any world size.
+        """
+        local = super().state_dict()
+        if distributed.world(self._group)[1] == 1:
+            return local
+        merged: dict[int, dict[str, Any]] = {}
+        for rank_state in distributed.gather_state(self._group, local["state"]):
+            for index, entry in rank_state.items():
+                target = merged.setdefault(index, {})
+                for key, value in entry.items():
+                    if key == "step" or key not in target:
+                        target[key] = value
+                    else:
+                        target[key] = torch.cat([target[key], value])
+        local["state"] = dict(sorted(merged.items()))
+        return local
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, whatever the stacking mode that saved it.
@@ -280,8 +325,16 @@ class DASH(Optimizer):
             self._refresh(bank)
         self._apply_weight_decay(active)
         targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
-        for stack in plan.stacks:
-            self._update_parameters(stack, targets, active)
+        updates = [self._direction(stack) for stack in plan.stacks]
+        if plan.exchange is None:
+            for stack, update in zip(plan.stacks, updates):
+                row = 0
+                for member in stack.members:
+                    if member.param in active:
+                        member.subtract_from(targets[member.param], update[row : row + member.count])
+                    row += member.count
+        else:
+            plan.exchange.run(self._group, plan.stacks, updates, targets, active)
         for p, target in targets.items():
             if target is not p:
                 p.copy_(target)
@@ -290,8 +343,12 @@ class DASH(Optimizer):
         return loss
 
     def _gradients_finite(self, plan: _Plan) -> bool:
-        flags = [torch.isfinite(stack.grad).all() for stack in plan.stacks]
-        if all(bool(f) for f in torch.stack([f.cpu() for f in flags])):
+        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for stack in plan.stacks:
+            per_device[stack.grad.device].append(torch.isfinite(stack.grad).all())
+        flags = [torch.stack(f).all().cpu() for f in per_device.values()]
+        local = torch.stack(flags).all() if flags else torch.tensor(True)
+        if distributed.all_finite(self._group, local):
             return True
         if self.nonfinite == "raise":
             names = sorted(
@@ -390,9 +447,8 @@ class DASH(Optimizer):
             if wd and params:
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
 
-    def _update_parameters(
-        self, stack: Stack, targets: dict[torch.Tensor, torch.Tensor], active: set[torch.Tensor]
-    ) -> None:
+    def _direction(self, stack: Stack) -> torch.Tensor:
+        """The step's update blocks ``lr · P`` of a stack (momentum and grafting applied)."""
         group = self.param_groups[stack.group]
         beta1, beta2 = group["betas"]
         correct = group["bias_correction"]
@@ -419,12 +475,7 @@ class DASH(Optimizer):
             buffer = stack.tensors["momentum"]
             buffer.mul_(mu).add_(direction)
             direction = direction.add(buffer, alpha=mu) if group["nesterov"] else buffer.clone()
-        direction = direction * group["lr"]
-        row = 0
-        for member in stack.members:
-            if member.param in active:
-                member.subtract_from(targets[member.param], direction[row : row + member.count])
-            row += member.count
+        return direction * group["lr"]
 
 
 def _roots(location: tuple[Bank, int] | None, rows: int) -> torch.Tensor | None:
@@ -510,6 +561,8 @@ class _Plan:
     """The stacks and banks of all parameters that have state, bound to ``optimizer.state``."""
 
     def __init__(self, signature: tuple) -> None:
+        self.exchange: _Exchange | None = None
+        self.ownership: distributed.Ownership | None = None
         self.stacks: list[Stack] = []
         self.banks: list[Bank] = []
         self.params: list[torch.Tensor] = []
@@ -528,33 +581,60 @@ class _Plan:
         root, stack by stack, so every stack sees its factors as contiguous bank rows.
         """
         plan = cls(_signature(optimizer.param_groups))
-        stacks: dict[tuple, Stack] = {}
-        ordinals: dict[tuple[int, str], range] = {}  # (id(member), side) -> factor ordinals
-        next_ordinal = 0
+        rank, world_size = distributed.world(optimizer._group)
+        regions = []  # canonical order: (group, param index, param, blocking, region index)
+        fingerprint = []
         for g_index, group in enumerate(optimizer.param_groups):
             for p_index, p in enumerate(group["params"]):
                 state = optimizer.state[p]
+                fingerprint.append((g_index, p_index, tuple(p.shape), p in active or "step" in state))
                 if p.numel() == 0 or (p not in active and "step" not in state):
                     continue
                 plan.params.append(p)
                 state.setdefault("step", torch.zeros((), dtype=torch.int64))
                 blocking = BlockPlan.build(p.shape, group["block_size"], group["one_dim"])
                 for r_index, region in enumerate(blocking.regions):
-                    _check_region(state, r_index, region.count, region.block, p.shape)
-                    sides = blocking.sides(region)
-                    per_block = optimizer.stacking == "none"
-                    chunks = [(k, 1) for k in range(region.count)] if per_block else [(0, region.count)]
-                    for first, count in chunks:
-                        member = Member(p, blocking, r_index, first, count)
-                        scope = _scope(optimizer.stacking, g_index, p_index, r_index, first)
-                        key = (scope, p.device, region.block)
-                        if key not in stacks:
-                            stacks[key] = Stack(region.block, g_index, scope)
-                        stacks[key].add(member)
-                        for s_index, (side, _) in enumerate(sides):
-                            start = next_ordinal + s_index * region.count + first
-                            ordinals[id(member), side] = range(start, start + count)
-                    next_ordinal += len(sides) * region.count
+                    _check_region(state, r_index, region.block, p.shape)
+                    regions.append((g_index, p_index, p, blocking, r_index))
+        distributed.check_same_everywhere(optimizer._group, [*fingerprint, plan.signature])
+        costs = []
+        for g_index, _, _, blocking, r_index in regions:
+            group = optimizer.param_groups[g_index]
+            region = blocking.regions[r_index]
+            sides = [size for _, size in blocking.sides(region)]
+            cost = distributed.block_cost(
+                region.block, sides, group["precondition_frequency"], _solver_matmuls(group)
+            )
+            costs.extend([cost] * region.count)
+        plan.ownership = distributed.Ownership(distributed.split_costs(costs, world_size), costs)
+
+        stacks: dict[tuple, Stack] = {}
+        ordinals: dict[tuple[int, str], range] = {}  # (id(member), side) -> factor ordinals
+        remote: list[list[Member]] = [[] for _ in range(world_size)]
+        next_block = next_ordinal = 0
+        for g_index, p_index, p, blocking, r_index in regions:
+            region = blocking.regions[r_index]
+            sides = blocking.sides(region)
+            for owner, owned_first, owned_count in plan.ownership.chunks(next_block, region.count):
+                remote[owner].append(Member(p, blocking, r_index, owned_first, owned_count))
+                if owner != rank:
+                    continue
+                _keep_owned_rows(optimizer.state[p], r_index, region.count, owned_first, owned_count)
+                per_block = optimizer.stacking == "none"
+                runs = [(k, 1) for k in range(owned_count)] if per_block else [(0, owned_count)]
+                for offset, count in runs:
+                    first = owned_first + offset
+                    member = Member(p, blocking, r_index, first, count, owned_first, owned_count)
+                    scope = _scope(optimizer.stacking, g_index, p_index, r_index, first)
+                    key = (scope, p.device, region.block)
+                    if key not in stacks:
+                        stacks[key] = Stack(region.block, g_index, scope)
+                    stacks[key].add(member)
+                    for s_index, (side, _) in enumerate(sides):
+                        start = next_ordinal + s_index * region.count + first
+                        ordinals[id(member), side] = range(start, start + count)
+            next_block += region.count
+            next_ordinal += len(sides) * region.count
         plan.stacks = list(stacks.values())
         banks: dict[tuple, Bank] = {}
         for stack in plan.stacks:
@@ -576,6 +656,9 @@ class _Plan:
         plan.banks = list(banks.values())
         plan.param_set = set(plan.params)
         plan._bind(optimizer)
+        if world_size > 1:
+            dtype = COMMUNICATION[optimizer.communication]
+            plan.exchange = _Exchange(plan.stacks, remote, rank, dtype)
         return plan
 
     def _bind(self, optimizer: DASH) -> None:
@@ -584,13 +667,11 @@ class _Plan:
             factors, roots = [], []
             for member, side in bank.members:
                 state = optimizer.state[member.param]
-                shape = (member.plan.regions[member.region].count, bank.size, bank.size)
-                device = member.param.device
-                factors.append(
-                    (state, f"{side}.{member.region}", member.first, member.count, _zeros(shape, device))
-                )
+                shape = (member.owned_count, bank.size, bank.size)
+                device, first = member.param.device, member.first - member.owned_first
+                factors.append((state, f"{side}.{member.region}", first, member.count, _zeros(shape, device)))
                 roots.append(
-                    (state, f"{side}_root.{member.region}", member.first, member.count, _eyes(shape, device))
+                    (state, f"{side}_root.{member.region}", first, member.count, _eyes(shape, device))
                 )
             bank.factors = bind(factors)
             bank.roots = bind(roots)
@@ -600,10 +681,11 @@ class _Plan:
             for kind in _elementwise_kinds(group):
                 entries = []
                 for member in stack.members:
-                    shape = (member.plan.regions[member.region].count, *stack.shape)
+                    shape = (member.owned_count, *stack.shape)
                     key = f"{kind}.{member.region}"
                     state = optimizer.state[member.param]
-                    entries.append((state, key, member.first, member.count, _zeros(shape, device)))
+                    first = member.first - member.owned_first
+                    entries.append((state, key, first, member.count, _zeros(shape, device)))
                 stack.tensors[kind] = bind(entries)
             stack.grad = torch.empty(stack.rows, *stack.shape, device=device)
 
@@ -668,10 +750,94 @@ def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tu
     return (group, param, region, first)
 
 
-def _check_region(state: dict, region: int, count: int, block: tuple[int, int], shape: torch.Size) -> None:
+def _check_region(state: dict, region: int, block: tuple[int, int], shape: torch.Size) -> None:
     tensor = state.get(f"grad_ema.{region}", state.get(f"moment.{region}"))
-    if tensor is not None and tuple(tensor.shape) != (count, *block):
+    if tensor is not None and tuple(tensor.shape[1:]) != block:
         raise ValueError(
-            f"the saved state of a parameter of shape {tuple(shape)} has blocks {tuple(tensor.shape)}, "
-            f"but block_size now gives {(count, *block)}; load it with the block_size it was saved with"
+            f"the saved state of a parameter of shape {tuple(shape)} has blocks of shape "
+            f"{tuple(tensor.shape[1:])}, but block_size now gives {block}; load it with the block_size "
+            "it was saved with"
         )
+
+
+def _keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int) -> None:
+    """Cut loaded whole-region tensors down to the rows this rank owns."""
+    suffix = f".{region}"
+    for key, tensor in list(state.items()):
+        if key.endswith(suffix) and tensor.shape[0] == count and owned != count:
+            state[key] = tensor[first : first + owned].clone()
+
+
+def _solver_matmuls(group: dict[str, Any]) -> int:
+    """Rough number of n×n matmuls of one root refresh (eigh counted as about 20)."""
+    method = group["root_method"]
+    if method == "ndb":
+        return 6 * group["root_steps"]
+    if method == "newton":
+        return 4 * group["root_steps"]
+    if method == "chebyshev":
+        return group["chebyshev_degree"]
+    return 20
+
+
+class _Exchange:
+    """The flat all-gather of update blocks: each rank packs its members' updates in canonical
+    order into a buffer of the largest rank's size; every rank then applies every rank's part."""
+
+    def __init__(
+        self, stacks: list[Stack], remote: list[list[Member]], rank: int, dtype: torch.dtype
+    ) -> None:
+        self.remote = remote
+        self.sizes = [sum(m.count * math.prod(m.plan.regions[m.region].block) for m in ms) for ms in remote]
+        self.width = max(self.sizes)
+        self.dtype = dtype
+        # Where each of this rank's stack members goes in the send buffer.
+        offsets: dict[tuple[int, int, int], int] = {}
+        offset = 0
+        for member in remote[rank]:
+            offsets[id(member.param), member.region, member.first] = offset
+            offset += member.count * math.prod(member.plan.regions[member.region].block)
+        self.placements = []
+        for stack in stacks:
+            size = math.prod(stack.shape)
+            places = []
+            for member in stack.members:
+                base = offsets[id(member.param), member.region, member.owned_first]
+                places.append(base + (member.first - member.owned_first) * size)
+            self.placements.append(places)
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes each rank receives per step from the all-gather."""
+        return self.width * len(self.remote) * torch.empty((), dtype=self.dtype).element_size()
+
+    def run(
+        self,
+        group: Any,
+        stacks: list[Stack],
+        updates: list[torch.Tensor],
+        targets: dict[torch.Tensor, torch.Tensor],
+        active: set[torch.Tensor],
+    ) -> None:
+        """Exchange the updates and subtract every rank's blocks from the parameters."""
+        device = next(iter(targets.values())).device
+        send = torch.zeros(self.width, dtype=self.dtype, device=device)
+        for stack, update, places in zip(stacks, updates, self.placements):
+            row = 0
+            for member, place in zip(stack.members, places):
+                if member.param in active:
+                    size = member.count * math.prod(stack.shape)
+                    send[place : place + size].view(member.count, *stack.shape).copy_(
+                        update[row : row + member.count]
+                    )
+                row += member.count
+        received = distributed.all_gather_updates(group, send)
+        for rank, members in enumerate(self.remote):
+            offset = rank * self.width
+            for member in members:
+                block = member.plan.regions[member.region].block
+                size = member.count * math.prod(block)
+                if member.param in active:
+                    update = received[offset : offset + size].view(member.count, *block)
+                    member.subtract_from(targets[member.param], update)
+                offset += size

@@ -20,13 +20,23 @@ from .blocking import BlockPlan
 
 @dataclass
 class Member:
-    """Blocks ``[first, first + count)`` of region ``region`` of parameter ``param``."""
+    """Blocks ``[first, first + count)`` of region ``region`` of parameter ``param``.
+
+    The member's state rows live in the region tensors of the blocks this rank owns,
+    ``[owned_first, owned_first + owned_count)`` (the whole region without distribution).
+    """
 
     param: torch.Tensor
     plan: BlockPlan
     region: int
     first: int
     count: int
+    owned_first: int = 0
+    owned_count: int = -1
+
+    def __post_init__(self) -> None:
+        if self.owned_count < 0:
+            self.owned_count = self.plan.regions[self.region].count
 
     @property
     def whole_region(self) -> bool:

@@ -1,0 +1,170 @@
+"""Sharing the preconditioner work across ranks: who owns which blocks, and one exchange per step.
+
+This is the one module that knows about ranks. With data parallelism (DDP) every rank holds the
+same averaged gradients, so each rank only needs to refresh the roots and compute the updates of
+*its* blocks; the ranks then all-gather the updates and every rank applies all of them, so the
+parameters stay identical everywhere.
+
+Ownership is planned once, from the blocks in a canonical order (parameter groups, parameters,
+regions, blocks row-major), each with a cost estimate. The sequence is cut into ``world_size``
+contiguous segments of nearly equal cost, so a rank owns at most one contiguous run of blocks per
+region, its stacks stay batched, and one huge embedding is shared by several ranks. The plan is a
+pure function of the parameter shapes and options, identical on every rank.
+
+Fully sharded parameters (FSDP2 ``fully_shard``, DTensor) fit the same scheme: the owner of a block
+must then also hold its gradient rows, so the plan would cut at shard boundaries (each rank owns
+the blocks inside its shard, ``Shard(0)`` rows of the matrix view), the gradient gather reads the
+local shard, and the exchange becomes unnecessary (each rank updates its own shard). Only this
+module and the member gather/scatter would change.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def block_cost(block: tuple[int, int], sides: list[int], frequency: int, solver_matmuls: int) -> float:
+    """Estimated flops of one block per step.
+
+    Refresh: ``solver_matmuls · 2 s³`` per factor of size ``s``, paid once every ``frequency``
+    steps. Step: the factor products ``g gᵀ``, ``gᵀ g`` and the preconditioning ``L G R``, about
+    ``4 m n (m + n)``.
+    """
+    m, n = block
+    refresh = sum(solver_matmuls * 2.0 * s**3 for s in sides) / frequency
+    return refresh + 4.0 * m * n * (m + n)
+
+
+def split_costs(costs: list[float], parts: int) -> list[int]:
+    """Cut ``costs`` into ``parts`` contiguous segments of nearly equal sum.
+
+    Returns the ``parts + 1`` boundaries ``b`` (segment ``r`` is ``costs[b[r]:b[r+1]]``): boundary
+    ``k`` is the first index whose prefix sum reaches ``k/parts`` of the total, so no segment
+    exceeds its share by more than one element's cost. Segments may be empty.
+    """
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    total = prefix[-1]
+    bounds = [0]
+    for k in range(1, parts):
+        target = total * k / parts
+        index = bisect.bisect_left(prefix, target) if total > 0 else len(costs) * k // parts
+        # Choose the nearer of the two prefix points around the target.
+        if 0 < index <= len(costs) and target - prefix[index - 1] < prefix[index] - target:
+            index -= 1
+        bounds.append(min(max(index, bounds[-1]), len(costs)))
+    bounds.append(len(costs))
+    return bounds
+
+
+@dataclass
+class Ownership:
+    """Which rank owns which blocks: ``bounds`` cut the canonical block sequence per rank."""
+
+    bounds: list[int]
+    costs: list[float]
+
+    def owner_of(self, index: int) -> int:
+        """Rank owning block ``index`` of the canonical sequence."""
+        return bisect.bisect_right(self.bounds, index) - 1
+
+    def chunks(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """Split blocks ``[start, start + count)`` by owner: ``(rank, first, count)`` with ``first``
+        relative to ``start``."""
+        out = []
+        index = start
+        while index < start + count:
+            rank = self.owner_of(index)
+            end = min(self.bounds[rank + 1], start + count)
+            out.append((rank, index - start, end - index))
+            index = end
+        return out
+
+    def imbalance(self) -> float:
+        """``max / mean`` of the ranks' total costs (1.0 is perfect balance)."""
+        loads = [sum(self.costs[a:b]) for a, b in zip(self.bounds, self.bounds[1:])]
+        mean = sum(loads) / len(loads)
+        return max(loads) / mean if mean > 0 else 1.0
+
+
+def resolve_group(process_group: Any) -> Any:
+    """The process group to use: the given one, the default one if initialised, or ``None``."""
+    if process_group is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.group.WORLD
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group was given but torch.distributed is not initialised")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup; got {type(process_group).__name__}"
+        )
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("process_group does not contain this rank")
+    return process_group
+
+
+def world(group: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``group`` (``(0, 1)`` without distribution)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def check_same_everywhere(group: Any, fingerprint: list) -> None:
+    """Raise ``ValueError`` unless every rank has the same parameter shapes and layout options."""
+    if group is None:
+        return
+    _, size = world(group)
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, fingerprint, group=group)
+    for rank, other in enumerate(gathered):
+        if other != fingerprint:
+            for mine, theirs in zip(fingerprint, other):
+                if mine != theirs:
+                    raise ValueError(
+                        f"DASH needs the same parameters and options on every rank; rank {rank} has "
+                        f"{theirs} where this rank has {mine}"
+                    )
+            raise ValueError(
+                f"DASH needs the same parameters on every rank; rank {rank} has {len(other)} parameters "
+                f"where this rank has {len(fingerprint)}"
+            )
+
+
+def all_finite(group: Any, local: torch.Tensor) -> bool:
+    """True when ``local`` (a 0-d bool tensor) is true on every rank (one host synchronisation)."""
+    if group is None:
+        return bool(local)
+    flag = local.to(torch.int32).reshape(1)
+    if dist.get_backend(group) == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def all_gather_updates(group: Any, send: torch.Tensor) -> torch.Tensor:
+    """All ranks' equally sized flat update buffers, concatenated in rank order (one collective)."""
+    _, size = world(group)
+    received = send.new_empty(size * send.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(received, send, group=group)
+    return received
+
+
+def gather_state(group: Any, local: dict[int, dict[str, Any]]) -> list[dict[int, dict[str, Any]]]:
+    """Every rank's per-parameter state (tensors moved to the CPU), in rank order."""
+    _, size = world(group)
+    cpu = {
+        index: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+        for index, entry in local.items()
+    }
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, cpu, group=group)
+    return gathered
