@@ -244,6 +244,19 @@ class DASH(Optimizer):
         """Number of factor roots whose refresh failed or was not finite (the old root was kept)."""
         return int(sum(int(count) for count in self._failures.values()))
 
+    def distribution_stats(self) -> dict[str, Any]:
+        """How the work is shared (after the first step): world size, this rank, the cost imbalance
+        ``max/mean`` over ranks, the blocks this rank owns and the bytes it receives per step."""
+        rank, world_size = distributed.world(self._group)
+        plan = self._plan
+        return {
+            "world_size": world_size,
+            "rank": rank,
+            "imbalance": plan.ownership.imbalance() if plan else None,
+            "owned_blocks": sum(stack.rows for stack in plan.stacks) if plan else None,
+            "bytes_per_step": plan.exchange.bytes_per_step if plan and plan.exchange else 0,
+        }
+
     # ------------------------------------------------------------------------------------------
     # state_dict
     # ------------------------------------------------------------------------------------------
@@ -255,10 +268,14 @@ class DASH(Optimizer):
         gets the full state, which loads at any world size.
         """
         local = super().state_dict()
-        if distributed.world(self._group)[1] == 1:
-            return local
+        if distributed.world(self._group)[1] > 1:
+            local["state"] = self._gathered_state(local["state"])
+        return local
+
+    def _gathered_state(self, local: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Every rank's blocks of ``local`` (per-parameter state by index), joined in block order."""
         merged: dict[int, dict[str, Any]] = {}
-        for rank_state in distributed.gather_state(self._group, local["state"]):
+        for rank_state in distributed.gather_state(self._group, local):
             for index, entry in rank_state.items():
                 target = merged.setdefault(index, {})
                 for key, value in entry.items():
@@ -266,8 +283,15 @@ class DASH(Optimizer):
                         target[key] = value
                     else:
                         target[key] = torch.cat([target[key], value])
-        local["state"] = dict(sorted(merged.items()))
-        return local
+        return dict(sorted(merged.items()))
+
+    def _regather_state(self) -> None:
+        """Before re-planning across ranks, give every rank the full state of every parameter."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        local = {i: self.state[p] for i, p in enumerate(params) if p in self.state}
+        for index, entry in self._gathered_state(local).items():
+            p = params[index]
+            self.state[p] = {key: _restore(key, value, p.device) for key, value in entry.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, whatever the stacking mode that saved it.
@@ -308,6 +332,8 @@ class DASH(Optimizer):
             return loss
         plan = self._plan
         if plan is None or not plan.covers(active) or plan.signature != _signature(self.param_groups):
+            if plan is not None and plan.exchange is not None:
+                self._regather_state()
             plan = self._plan = _Plan.build(self, active)
 
         for stack in plan.stacks:
@@ -582,23 +608,28 @@ class _Plan:
         """
         plan = cls(_signature(optimizer.param_groups))
         rank, world_size = distributed.world(optimizer._group)
-        regions = []  # canonical order: (group, param index, param, blocking, region index)
+        # Ownership is planned over every parameter, with a gradient yet or not, so that it stays
+        # the same when a parameter starts later.
+        regions = []  # canonical order: (group, param index, param, blocking, region, has state)
         fingerprint = []
         for g_index, group in enumerate(optimizer.param_groups):
             for p_index, p in enumerate(group["params"]):
                 state = optimizer.state[p]
-                fingerprint.append((g_index, p_index, tuple(p.shape), p in active or "step" in state))
-                if p.numel() == 0 or (p not in active and "step" not in state):
+                used = p.numel() > 0 and (p in active or "step" in state)
+                fingerprint.append((g_index, p_index, tuple(p.shape), used))
+                if p.numel() == 0:
                     continue
-                plan.params.append(p)
-                state.setdefault("step", torch.zeros((), dtype=torch.int64))
+                if used:
+                    plan.params.append(p)
+                    state.setdefault("step", torch.zeros((), dtype=torch.int64))
                 blocking = BlockPlan.build(p.shape, group["block_size"], group["one_dim"])
                 for r_index, region in enumerate(blocking.regions):
-                    _check_region(state, r_index, region.block, p.shape)
-                    regions.append((g_index, p_index, p, blocking, r_index))
+                    if used:
+                        _check_region(state, r_index, region.block, p.shape)
+                    regions.append((g_index, p_index, p, blocking, r_index, used))
         distributed.check_same_everywhere(optimizer._group, [*fingerprint, plan.signature])
         costs = []
-        for g_index, _, _, blocking, r_index in regions:
+        for g_index, _, _, blocking, r_index, _ in regions:
             group = optimizer.param_groups[g_index]
             region = blocking.regions[r_index]
             sides = [size for _, size in blocking.sides(region)]
@@ -612,14 +643,17 @@ class _Plan:
         ordinals: dict[tuple[int, str], range] = {}  # (id(member), side) -> factor ordinals
         remote: list[list[Member]] = [[] for _ in range(world_size)]
         next_block = next_ordinal = 0
-        for g_index, p_index, p, blocking, r_index in regions:
+        for g_index, p_index, p, blocking, r_index, used in regions:
             region = blocking.regions[r_index]
             sides = blocking.sides(region)
-            for owner, owned_first, owned_count in plan.ownership.chunks(next_block, region.count):
+            chunks = plan.ownership.chunks(next_block, region.count) if used else []
+            mine = [(first, count) for owner, first, count in chunks if owner == rank]
+            if used:
+                _keep_owned_rows(optimizer.state[p], r_index, region.count, *(mine[0] if mine else (0, 0)))
+            for owner, owned_first, owned_count in chunks:
                 remote[owner].append(Member(p, blocking, r_index, owned_first, owned_count))
                 if owner != rank:
                     continue
-                _keep_owned_rows(optimizer.state[p], r_index, region.count, owned_first, owned_count)
                 per_block = optimizer.stacking == "none"
                 runs = [(k, 1) for k in range(owned_count)] if per_block else [(0, owned_count)]
                 for offset, count in runs:
@@ -761,10 +795,14 @@ def _check_region(state: dict, region: int, block: tuple[int, int], shape: torch
 
 
 def _keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int) -> None:
-    """Cut loaded whole-region tensors down to the rows this rank owns."""
+    """Cut whole-region tensors (loaded or regathered) down to the rows this rank owns (maybe none)."""
     suffix = f".{region}"
     for key, tensor in list(state.items()):
-        if key.endswith(suffix) and tensor.shape[0] == count and owned != count:
+        if not key.endswith(suffix):
+            continue
+        if owned == 0:
+            del state[key]
+        elif tensor.shape[0] == count and owned != count:
             state[key] = tensor[first : first + owned].clone()
 
 

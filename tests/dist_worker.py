@@ -1,0 +1,145 @@
+"""Scenarios run inside real ``torch.distributed`` gloo process groups by tests/test_distributed.py.
+
+Each scenario is a module-level function ``name(rank, world, out_dir)`` so spawned processes can
+import it; results are written with ``torch.save`` to ``out_dir/<name>-<rank>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from dash_shampoo import DASH
+
+OPTIONS = dict(
+    lr=1e-2,
+    block_size=8,
+    root_method="eigh",
+    root_eps=1e-4,
+    precondition_frequency=2,
+    weight_decay=0.01,
+)
+
+
+def mixed_model() -> torch.nn.Module:
+    """Every kind of shape: full/edge/corner blocks, a matrix smaller than a block, 1-D, 0-D, 4-D."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.randn(20, 13) * 0.1)
+    model.b = torch.nn.Parameter(torch.randn(13) * 0.1)
+    model.c = torch.nn.Parameter(torch.randn(5, 20) * 0.1)
+    model.d = torch.nn.Parameter(torch.randn(3, 2, 2, 2) * 0.1)
+    model.s = torch.nn.Parameter(torch.tensor(0.5))
+    model.unused_on_odd_steps = torch.nn.Parameter(torch.randn(9, 4) * 0.1)
+    return model
+
+
+def loss_fn(model: torch.nn.Module, step: int, generator: torch.Generator) -> torch.Tensor:
+    """A deterministic loss touching every parameter (one of them only on even steps)."""
+    x = torch.randn(16, 13, generator=generator)
+    h = torch.tanh(x @ model.a.T + model.s)  # (16, 20)
+    h = h * (1 + model.b.sum())
+    out = h @ model.c.T  # (16, 5)
+    loss = (out**2).mean() + (model.d**2).sum() * out.mean()
+    if step % 2 == 0:
+        loss = loss + (model.unused_on_odd_steps**3).mean()
+    return loss
+
+
+def train(model: torch.nn.Module, optimizer: DASH, steps: range) -> None:
+    """Run the given steps; the data depend only on the step index (the same on every rank)."""
+    for step in steps:
+        generator = torch.Generator().manual_seed(1000 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, step, generator).backward()
+        optimizer.step()
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    """All parameters in one vector."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def scenario_train(rank: int, world: int, out_dir: str) -> dict:
+    model = mixed_model()
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    train(model, optimizer, range(1, 7))
+    plan = optimizer._plan
+    return {
+        "params": flat(model),
+        "imbalance": plan.ownership.imbalance(),
+        "bytes": plan.exchange.bytes_per_step,
+        "stats": optimizer.distribution_stats(),
+    }
+
+
+def scenario_tiny(rank: int, world: int, out_dir: str) -> dict:
+    """Fewer blocks than ranks: some ranks own nothing; a param has no gradient on odd steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.randn(3, 3))
+    model.v = torch.nn.Parameter(torch.randn(3))
+    optimizer = DASH(model.parameters(), lr=0.1, block_size=8, root_method="eigh", root_eps=1e-3)
+    for step in range(1, 5):
+        optimizer.zero_grad(set_to_none=True)
+        loss = (model.w**2).sum()
+        if step % 2 == 0:
+            loss = loss + (model.v**2).sum()
+        loss.backward()
+        optimizer.step()
+    owned = sum(stack.rows for stack in optimizer._plan.stacks)
+    return {"params": flat(model), "owned": owned}
+
+
+def scenario_save(rank: int, world: int, out_dir: str) -> dict:
+    model = mixed_model()
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    train(model, optimizer, range(1, 4))
+    state = optimizer.state_dict()
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": state}, os.path.join(out_dir, "checkpoint.pt"))
+    return {"params": flat(model)}
+
+
+def scenario_resume(rank: int, world: int, out_dir: str) -> dict:
+    checkpoint = torch.load(os.path.join(out_dir, "checkpoint.pt"), weights_only=True)
+    model = mixed_model()
+    model.load_state_dict(checkpoint["model"])
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train(model, optimizer, range(4, 7))
+    return {"params": flat(model)}
+
+
+def scenario_mismatch(rank: int, world: int, out_dir: str) -> dict:
+    """Rank 1 has a parameter of another shape: every rank must raise a clear ValueError."""
+    param = torch.nn.Parameter(torch.randn(4, 4 + rank))
+    try:
+        DASH([param], process_group="world")
+    except TypeError as error:
+        type_error = str(error)
+    optimizer = DASH([param], lr=0.1)
+    param.grad = torch.ones_like(param)
+    try:
+        optimizer.step()
+    except ValueError as error:
+        return {"error": str(error), "type_error": type_error}
+    return {"error": None, "type_error": type_error}
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    """Join the gloo group and run each named scenario, saving its result or its traceback."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name in names:
+            try:
+                result = globals()[f"scenario_{name}"](rank, world, out_dir)
+            except Exception:
+                result = {"traceback": traceback.format_exc()}
+            torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
