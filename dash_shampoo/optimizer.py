@@ -449,6 +449,14 @@ class DASH(Optimizer):
     def _due_rows(self, bank: Bank, group: dict[str, Any]) -> str | torch.Tensor | None:
         """Rows of ``bank`` whose roots are refreshed this step: ``"all"``, an index tensor, or None."""
         start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
+        steps = {int(self.state[member.param]["step"]) for member, _ in bank.members}
+        if len(steps) == 1:  # the usual case: decide for the whole bank at once
+            t = steps.pop()
+            if t < start:
+                return None
+            if t == start or (not group["stagger"] and t % frequency == 0):
+                return "all"
+            return bank.phase_rows(t % frequency, frequency) if group["stagger"] else None
         due: list[int] = []
         for first, (member, _) in zip(bank.member_rows(), bank.members):
             t = int(self.state[member.param]["step"])

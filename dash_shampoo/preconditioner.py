@@ -22,11 +22,11 @@ Scalar = float | torch.Tensor
 
 def accumulate_factor(factor: torch.Tensor, g: torch.Tensor, side: str, beta: float) -> None:
     """``factor ← β·factor + (1 − β)·g gᵀ`` (left) or ``gᵀ g`` (right), in place; a sum when β = 1."""
-    product = torch.bmm(g, g.mT) if side == "left" else torch.bmm(g.mT, g)
+    a, b = (g, g.mT) if side == "left" else (g.mT, g)
     if beta >= 1:
-        factor.add_(product)
+        factor.baddbmm_(a, b)
     else:
-        factor.lerp_(product, 1 - beta)
+        factor.baddbmm_(a, b, beta=beta, alpha=1 - beta)
 
 
 def accumulate_second_moment(moment: torch.Tensor, g: torch.Tensor, grafting: str, beta2: float) -> None:

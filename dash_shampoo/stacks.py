@@ -107,6 +107,7 @@ class Bank:
     roots: torch.Tensor | None = None
     # Per row: the factor's ordinal in the whole plan (stacking-independent; for staggering).
     ordinals: list[int] = field(default_factory=list)
+    _phase_cache: dict = field(default_factory=dict)
 
     def add(self, member: Member, side: str, ordinals: range) -> int:
         """Append ``member``'s factors of ``side``; returns the first row they occupy."""
@@ -114,6 +115,20 @@ class Bank:
         self.ordinals.extend(ordinals)
         self.rows += member.count
         return self.rows - member.count
+
+    def phase_rows(self, phase: int, frequency: int) -> torch.Tensor | str | None:
+        """Rows refreshed at phase ``phase`` of a staggered window of ``frequency`` steps: those
+        whose ordinal is ``phase`` modulo ``frequency`` (an index tensor, ``"all"`` or None)."""
+        key = (phase, frequency)
+        if key not in self._phase_cache:
+            rows = [row for row, ordinal in enumerate(self.ordinals) if ordinal % frequency == phase]
+            if not rows:
+                self._phase_cache[key] = None
+            elif len(rows) == self.rows:
+                self._phase_cache[key] = "all"
+            else:
+                self._phase_cache[key] = torch.tensor(rows, device=self.factors.device)
+        return self._phase_cache[key]
 
     def member_rows(self) -> list[int]:
         """First row of each member, in member order."""
