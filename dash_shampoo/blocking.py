@@ -118,7 +118,7 @@ class BlockPlan:
         out = []
         for region in self.regions:
             (gr, gc), (m, n) = region.grid, region.block
-            out.append(region.view(matrix).permute(0, 2, 1, 3).reshape(gr * gc, m, n))
+            out.append(region.view(matrix).permute(0, 2, 1, 3).reshape(gr * gc, m, n).clone())
         return out
 
     def from_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:

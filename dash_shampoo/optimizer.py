@@ -622,7 +622,9 @@ class _Plan:
         fingerprint = []
         for g_index, group in enumerate(optimizer.param_groups):
             for p_index, p in enumerate(group["params"]):
-                state = optimizer.state[p]
+                # Reading optimizer.state[p] would create an empty entry for a parameter without
+                # a gradient; torch's optimizers create none.
+                state = optimizer.state[p] if p in optimizer.state or p in active else {}
                 used = p.numel() > 0 and (p in active or "step" in state)
                 fingerprint.append((g_index, p_index, tuple(p.shape), used))
                 if p.numel() == 0:

@@ -169,11 +169,6 @@ def test_blocks_are_row_major_over_the_grid():
         assert torch.equal(stack[k], x[4 * i : 4 * i + 4, 4 * j : 4 * j + 4])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: BlockPlan.to_blocks documents a copy but returns a view of the input when the region "
-    "grid has one block per row or column (reshape of a permuted view does not copy); blocking.py:121",
-)
 @pytest.mark.parametrize("shape", [(6, 6), (4, 4), (8, 4)])
 def test_to_blocks_copies(shape):
     x = torch.randn(shape)
