@@ -1,0 +1,70 @@
+"""Smoke test of the multi-process benchmark: ``dash-shampoo bench dist --quick`` (1 and 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from dash_shampoo.bench.shapes import MODELS
+from dash_shampoo.cli import main
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
+    """Every (world, F, config, rank) row is there with finite timings; ranks agree bitwise."""
+    assert main(["bench", "dist", "--quick", "--backend", "gloo", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "dist-cpu.json").read_text())
+    for key in ("command", "device", "torch", "python", "date"):
+        assert report[key]
+    assert report["worlds"] == [1, 2] and report["frequencies"] == [1, 10]
+    rows = report["rows"]
+    expected = {
+        (world, frequency, config, rank)
+        for world in (1, 2)
+        for frequency in (1, 10)
+        for config in ("shared-fp32", "shared-bf16", "replicated")
+        for rank in range(world)
+        if not (world == 1 and config == "shared-bf16")
+    }
+    assert {(r["world"], r["frequency"], r["config"], r["rank"]) for r in rows} == expected
+    total = {}
+    for row in rows:
+        assert row["ranks_equal"], row["checksums"]
+        assert row["per_step"] > 0 and math.isfinite(row["per_step"])
+        assert row["refresh"]["n"] >= 1
+        if row["frequency"] > 1:
+            assert row["other"]["n"] >= 3  # until t = 10, the first timed refresh
+        assert row["speedup_vs_replicated"] > 0
+        assert row["root_failures"] == 0 and row["skipped_steps"] == 0
+        stats = row["stats"]
+        shared = row["distribution"] == "shared"
+        # replicated: a one-rank group per rank, in which every rank is rank 0.
+        assert (stats["world_size"], stats["rank"]) == ((row["world"], row["rank"]) if shared else (1, 0))
+        if row["config"] == "replicated":
+            assert stats["bytes_per_step"] == 0
+            assert row["max_abs_diff_vs_replicated"] == 0.0
+            total[row["world"], row["frequency"]] = stats["owned_blocks"]
+    # Shared: the ranks' blocks partition the model's blocks.
+    owned: dict[tuple, int] = {}
+    for row in rows:
+        if row["distribution"] == "shared":
+            key = (row["world"], row["frequency"], row["config"])
+            owned[key] = owned.get(key, 0) + row["stats"]["owned_blocks"]
+    for (world, frequency, _), count in owned.items():
+        assert count == total[world, frequency]
+    numel = MODELS[report["model"]["name"]].numel
+    for summary in report["summaries"]:
+        assert summary["ranks_equal"]
+        if summary["world"] == 2 and summary["config"] != "replicated":
+            # All-gather of every parameter's update; padding to the largest share is small.
+            size = 4 if summary["config"] == "shared-fp32" else 2
+            assert numel * size <= summary["bytes_per_step"] < 1.1 * numel * size
+            assert summary["imbalance"] < 1.5
+    markdown = (tmp_path / "dist-cpu.md").read_text()
+    assert "| W | F | config | rank |" in markdown
+    assert "oversubscribe" in markdown
