@@ -1,0 +1,283 @@
+"""Other Shampoo-family optimizers timed by ``bench step`` beside DASH, each an optional import.
+
+A peer is built with the benchmark's block size ``B`` (or its nearest equivalent, e.g. the largest
+preconditioned dimension) and refresh period ``F``, and otherwise with its own defaults except where
+:attr:`Peer.settings` says otherwise; that string also lists how its algorithm differs from DASH's
+defaults (block Shampoo, root 4, Adam grafting, factor EMA 0.95, ``root_eps`` 1e-10, fp32). None of
+these packages is a dependency of ``dash_shampoo``: install them with the ``bench`` extra.
+
+A peer that is not installed, cannot run on the device, or would build a preconditioner that cannot
+fit (:attr:`Peer.check`) becomes a row with the reason instead of a time; so does one that raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Shapes = Sequence[tuple[int, ...]]
+Builder = Callable[[list[torch.Tensor], int, int], torch.optim.Optimizer]
+
+#: Largest dimension a peer without blocking may build a full ``d × d`` factor for, per device type
+#: (bytes and an O(d³) SVD per refresh: 32000² is 4.1 GB; a 4096² SVD takes about a minute on one
+#: CPU core).
+MAX_UNBLOCKED_DIM: dict[str, int] = {"cuda": 8192, "cpu": 2048}
+LR = 1e-3
+BETAS = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One optimizer from another package.
+
+    Attributes:
+        name: row label, ``package.Class``.
+        module: module to import (its absence makes a "not installed" row).
+        settings: how this row's settings and algorithm differ from DASH's (``{B}``/``{F}`` are
+            filled in).
+        build: ``build(params, block_size, frequency)``, called after the import succeeded.
+        check: optional ``check(shapes, block_size, device)`` returning a reason to skip, or None.
+    """
+
+    name: str
+    module: str
+    settings: str
+    build: Builder
+    check: Callable[[Shapes, int, torch.device], str | None] | None = None
+
+    def describe(self, block_size: int, frequency: int) -> str:
+        """:attr:`settings` with the block size and frequency filled in."""
+        return self.settings.format(B=block_size, F=frequency)
+
+    def unavailable(self, shapes: Shapes, block_size: int, device: torch.device) -> str | None:
+        """Why this peer cannot run here (import error, device, size), or None when it can."""
+        try:
+            importlib.import_module(self.module)
+        except Exception as error:  # ImportError, or a package that fails while importing
+            return f"not installed ({type(error).__name__}: {error})"
+        if self.check is not None:
+            return self.check(shapes, block_size, device)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# pytorch_optimizer (kozistr)
+# ---------------------------------------------------------------------------------------------
+
+
+def _po_dash(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+    from pytorch_optimizer import DASH as PoDASH
+
+    return PoDASH(
+        params,
+        lr=LR,
+        betas=BETAS,
+        block_size=block_size,
+        precondition_frequency=frequency,
+        inverse_root_method="newton_db",
+        matrix_scaling="power",
+        newton_steps=10,
+        power_iteration_steps=10,
+        power_iteration_vectors=16,
+        eps=1e-8,
+        matrix_eps=1e-10,
+    )
+
+
+def _po_shampoo(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+    from pytorch_optimizer import Shampoo
+
+    return Shampoo(params, lr=LR, preconditioning_compute_steps=frequency)
+
+
+def _po_scalable(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+    from pytorch_optimizer import ScalableShampoo
+    from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
+
+    return ScalableShampoo(
+        params,
+        lr=LR,
+        betas=BETAS,
+        block_size=block_size,
+        start_preconditioning_step=1,
+        preconditioning_compute_steps=frequency,
+        no_preconditioning_for_layers_with_dim_gt=10**9,
+        graft_type=LayerWiseGrafting.RMSPROP,
+    )
+
+
+def _po_soap(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SOAP
+
+    return SOAP(
+        params,
+        lr=LR,
+        betas=BETAS,
+        weight_decay=0.0,
+        precondition_frequency=frequency,
+        max_precondition_dim=block_size,
+    )
+
+
+def _unblocked_check(shapes: Shapes, block_size: int, device: torch.device) -> str | None:
+    largest = max((d for shape in shapes for d in shape), default=0)
+    limit = MAX_UNBLOCKED_DIM.get(device.type, MAX_UNBLOCKED_DIM["cuda"])
+    if largest > limit:
+        gb = largest * largest * 4 / 1e9
+        return (
+            f"skipped: no blocking, it would build a {largest}×{largest} factor ({gb:.2f} GB fp32) and "
+            f"SVD it every refresh (limit on {device.type}: {limit})"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# heavyball
+# ---------------------------------------------------------------------------------------------
+
+
+def _heavyball(class_name: str) -> Builder:
+    def build(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+        import heavyball
+        import heavyball.utils
+
+        # Eager mode: torch.compile's first step on a CPU takes minutes and is not the step.
+        heavyball.utils.compile_mode = None
+        cls = getattr(heavyball, class_name)
+        return cls(
+            params,
+            lr=LR,
+            betas=BETAS,
+            weight_decay=0.0,
+            precondition_frequency=frequency,
+            max_precond_dim=block_size,
+            use_precond_schedule=False,
+            compile_step=False,
+        )
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# ista-daslab-optimizers (the authors' DashGpu)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dash_gpu(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+    from ista_daslab_optimizers import (  # type: ignore[import-not-found]
+        DashConfig,
+        DashGpu,
+        DashInverseRootMethodType,
+        DashMatrixScalingType,
+    )
+
+    config = DashConfig(
+        block_size=block_size,
+        inv_root_freq=frequency,
+        inv_root_method=DashInverseRootMethodType.from_string("ndb"),
+        matrix_scaling_type=DashMatrixScalingType.from_string("pim"),
+        mu=0.0,
+    )
+    return DashGpu(params, lr=LR, weight_decay=0.0, config=config)
+
+
+def _needs_cuda(shapes: Shapes, block_size: int, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"skipped: DashGpu needs CUDA (Triton kernels, bmm with out_dtype); device is {device.type}"
+    return None
+
+
+PEERS: tuple[Peer, ...] = (
+    Peer(
+        "pytorch_optimizer.DASH",
+        "pytorch_optimizer",
+        "B={B}, F={F}; newton_db (= ndb, 10 steps), PI scale in bf16 ×2 (16 vectors); per-layer loop "
+        "(layerwise batching only); same Adam grafting, EMA 0.95, matrix_eps 1e-10",
+        _po_dash,
+    ),
+    Peer(
+        "pytorch_optimizer.Shampoo",
+        "pytorch_optimizer",
+        "no blocking (one d×d factor per dimension), F={F}; SVD roots, factor sums (no EMA), "
+        "no grafting, matrix_eps 1e-6",
+        _po_shampoo,
+        _unblocked_check,
+    ),
+    Peer(
+        "pytorch_optimizer.ScalableShampoo",
+        "pytorch_optimizer",
+        "B={B}, F={F}, start 1, all layers preconditioned; RMSProp grafting (no Adam), Nesterov "
+        "momentum β1 0.9, β2 0.95; Schur–Newton roots per block in a loop; matrix_eps 1e-6",
+        _po_scalable,
+    ),
+    Peer(
+        "pytorch_optimizer.SOAP",
+        "pytorch_optimizer",
+        "SOAP (Adam in Shampoo's eigenbasis), max_precondition_dim={B} (no blocking: larger dims "
+        "are not rotated), F={F} QR refresh, betas (0.9, 0.95), wd 0",
+        _po_soap,
+    ),
+    Peer(
+        "heavyball.SOAP",
+        "heavyball",
+        "SOAP, max_precond_dim={B} (no blocking: larger dims not rotated), F={F} fixed "
+        "(no precond schedule), eager (compile off), wd 0",
+        _heavyball("SOAP"),
+    ),
+    Peer(
+        "heavyball.KLShampoo",
+        "heavyball",
+        "KL-Shampoo (heavyball has no plain Shampoo), max_precond_dim={B} (no blocking), F={F} "
+        "fixed, eager (compile off), no grafting, wd 0",
+        _heavyball("KLShampoo"),
+    ),
+    Peer(
+        "ista_daslab_optimizers.DashGpu",
+        "ista_daslab_optimizers",
+        "the authors' DashGpu: B={B}, F={F}, NDB, PI-multi scale (bf16), Adam grafting",
+        _dash_gpu,
+        _needs_cuda,
+    ),
+)
+
+
+def find(names: Sequence[str] | None) -> list[Peer]:
+    """The peers named in ``names`` (full name or class name, case-insensitive); all when None."""
+    if names is None:
+        return list(PEERS)
+    wanted = {n.lower() for n in names}
+    chosen = [p for p in PEERS if p.name.lower() in wanted or p.name.split(".")[-1].lower() in wanted]
+    unknown = wanted - {p.name.lower() for p in chosen} - {p.name.split(".")[-1].lower() for p in chosen}
+    if unknown:
+        raise ValueError(f"unknown peer(s) {sorted(unknown)}; known: {', '.join(p.name for p in PEERS)}")
+    return chosen
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of every distinct tensor reachable from ``state`` (dicts, lists, tuples, sets, objects)."""
+    seen_objects: set[int] = set()
+    seen_tensors: set[tuple[int, int, torch.dtype, tuple[int, ...]]] = set()
+    total = 0
+    stack = [state]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            key = (item.data_ptr(), item.numel(), item.dtype, tuple(item.shape))
+            if key not in seen_tensors:
+                seen_tensors.add(key)
+                total += item.numel() * item.element_size()
+            continue
+        if id(item) in seen_objects or isinstance(item, (str, bytes, int, float, bool, type(None))):
+            continue
+        seen_objects.add(id(item))
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not callable(item):
+            stack.extend(vars(item).values())
+    return total

@@ -1,0 +1,184 @@
+"""Results of ``dash-shampoo train``: run metadata, the markdown table, the JSON file and the plot.
+
+matplotlib is imported only to draw the plot; without it the PNG is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .model import ModelConfig
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of ``device``: the GPU's name, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} torch threads)"
+
+
+def metadata(
+    *,
+    command: str,
+    runtime_device: torch.device,
+    world_size: int,
+    data_source: str,
+    model: str,
+    config: ModelConfig,
+    parameters: int,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything needed to reproduce and read a result: command, device, versions, date, settings."""
+    return {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{runtime_device.type}: {device_name(runtime_device)}",
+        "world_size": world_size,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "dash_shampoo": __version__,
+            "platform": platform.platform(),
+        },
+        "data": data_source,
+        "model": {"name": model, "parameters": parameters, **asdict(config)},
+        "settings": settings,
+    }
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The comparison as markdown: settings, the summary table and val loss at each evaluation."""
+    config = meta["model"]
+    lines = [
+        "# dash-shampoo train",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}; device: {meta['device']} x{meta['world_size']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"- data: {meta['data']}",
+        f"- model: {config['name']}, {config['parameters']:,} parameters (d={config['d_model']}, "
+        f"layers={config['n_layer']}, heads={config['n_head']}, seq={config['seq_len']}, "
+        f"vocab={config['vocab_size']})",
+        f"- batch: {meta['settings']['batch_size']} x {config['seq_len']} tokens per rank and step, "
+        f"{meta['settings']['steps']} steps, warmup {meta['settings']['warmup']:g}, cosine to lr/10, "
+        f"grad clip {meta['settings']['grad_clip']:g}, weight decay {meta['settings']['weight_decay']:g}, "
+        f"seed {meta['settings']['seed']}",
+        "",
+    ]
+    memory_kind = results[0]["peak_memory_kind"] if results else ""
+    note = " (cumulative over the runs of this process)" if memory_kind == "process peak RSS" else ""
+    lines += [
+        f"| optimizer | lr | steps | final val loss | val ppl | train time (s) | opt ms/step mean (median) "
+        f"| tokens/s | optimizer state (MiB) | {memory_kind} (MiB){note} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        name = r["optimizer"] + (" (diverged)" if r["diverged"] else "")
+        lines.append(
+            f"| {name} | {r['lr']:g} | {r['steps']} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.3f} "
+            f"| {r['train_time_s']:.1f} | {r['opt_ms_mean']:.1f} ({r['opt_ms_median']:.1f}) "
+            f"| {r['tokens_per_s']:,.0f} | {r['optimizer_state_mib']:.1f} | {r['peak_memory_mib']:.0f} |"
+        )
+    for r in results:
+        if r["options"]:
+            options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+            lines.append(
+                f"\n{r['optimizer']}: DASH({options}); root failures {r['root_failures']}, "
+                f"skipped steps {r['skipped_steps']}"
+            )
+    steps = sorted({e["step"] for r in results for e in r["evals"]})
+    by_step = [{e["step"]: e["val_loss"] for e in r["evals"]} for r in results]
+    lines += [
+        "",
+        "Validation loss at each evaluation:",
+        "",
+        "| step | " + " | ".join(r["optimizer"] for r in results) + " |",
+        "|---" * (len(results) + 1) + "|",
+    ]
+    for step in steps:
+        cells = [f"{losses[step]:.4f}" if step in losses else "" for losses in by_step]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Val loss vs step and vs training wall time, one line per optimizer; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for r in results:
+        evals = [e for e in r["evals"] if math.isfinite(e["val_loss"])]
+        label = f"{r['optimizer']} (lr {r['lr']:g})"
+        by_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label)
+        by_time.plot(
+            [e["train_time_s"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label
+        )
+    losses = [e["val_loss"] for r in results for e in r["evals"][1:] if math.isfinite(e["val_loss"])]
+    for axis, xlabel in ((by_step, "step"), (by_time, "training wall time (s, evaluation excluded)")):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("validation loss (nats/token)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        if losses:  # the step-0 loss (ln vocab) would flatten the interesting part
+            low, high = min(losses), max(losses)
+            axis.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    figure.suptitle(title, fontsize=9)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write(out: Path, stem: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
+    """Write ``stem.json``, ``stem.md`` and ``stem.png`` under ``out``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    json_path = out / f"{stem}.json"
+    document = _finite({**meta, "results": results})
+    json_path.write_text(json.dumps(document, indent=1, default=str, allow_nan=False) + "\n")
+    written.append(json_path)
+    md_path = out / f"{stem}.md"
+    md_path.write_text(markdown(results, meta))
+    written.append(md_path)
+    png_path = out / f"{stem}.png"
+    command = "\n".join(textwrap.wrap(meta["command"], 140, break_on_hyphens=False))
+    title = f"{meta['model']['name']} model, {meta['device']}\n{command}"
+    if plot(results, png_path, title):
+        written.append(png_path)
+    return written
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,203 @@
+"""The training command: model shapes, data loaders, a few-step comparison, bitwise resume, errors."""
+
+from __future__ import annotations
+
+import array
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dash_shampoo.train import data, trainer
+from dash_shampoo.train.model import Llama, ModelConfig, model_config
+
+# A 2-layer d=32 model on a small slice of the built-in corpus: a few steps take a second.
+SMALL = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "32", "--batch-size", "4"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: these models are tiny, and on a busy machine thread barriers dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One corpus cache for the whole module (assembling it reads the standard library once)."""
+    return tmp_path_factory.mktemp("corpus-cache")
+
+
+def small_args(cache: Path, *extra: str) -> list[str]:
+    return [*SMALL, "--corpus-bytes", "60000", "--cache-dir", str(cache), "--eval-batches", "2", *extra]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_named_sizes_follow_llama_shapes() -> None:
+    assert model_config("124m").hidden == 2048  # 8/3 * 768 rounded up to a multiple of 256
+    assert model_config("350m").hidden == 2816
+    assert model_config("tiny").hidden == 384
+    assert model_config("tiny", vocab_size=32000).padded_vocab == 32000
+    assert ModelConfig(vocab_size=50257).padded_vocab == 50304
+    with pytest.raises(ValueError, match="--model"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        model_config("tiny", n_head=3)
+
+
+def test_model_is_causal_and_untied() -> None:
+    config = ModelConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, seq_len=16, multiple_of=16)
+    model = Llama(config, torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 64
+    logits, logits_changed = model(tokens), model(changed)
+    assert logits.shape == (2, 16, 64)
+    torch.testing.assert_close(logits[:, :10], logits_changed[:, :10])  # the past ignores the future
+    assert not torch.allclose(logits[:, 10:], logits_changed[:, 10:])
+    assert model.embedding.weight.data_ptr() != model.head.weight.data_ptr()
+    assert all(not name.endswith("bias") for name, _ in model.named_parameters())
+    # Same seed, same weights: every optimizer of a comparison starts from the same model.
+    again = Llama(config, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def test_builtin_corpus_is_deterministic_and_split(cache_dir: Path) -> None:
+    first = data.load_corpus(cache_dir, 50_000)
+    second = data.load_corpus(cache_dir, 50_000)
+    assert first.vocab_size == 256 and first.train.dtype == torch.uint8
+    assert len(first.train) == 45_000 and len(first.val) == 5_000
+    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
+    assert bytes(first.train[:7].tolist()) == b"# ==== "
+    names = [p.as_posix() for p in data.corpus_files()]
+    assert not any("/test/" in n or "/tests/" in n or "site-packages" in n for n in names)
+    with pytest.raises(ValueError, match="--corpus-bytes"):
+        data.load_corpus(cache_dir, 10)
+
+
+def test_bin_loader_reads_uint16_windows(tmp_path: Path) -> None:
+    train_ids = torch.arange(1000, dtype=torch.int64) * 37 % 50000
+    val_ids = torch.arange(300, dtype=torch.int64) * 11 % 50000
+    (tmp_path / "train.bin").write_bytes(array.array("H", train_ids.tolist()).tobytes())  # little-endian host
+    (tmp_path / "val.bin").write_bytes(array.array("H", val_ids.tolist()).tobytes())
+    tokens = data.load_bin(tmp_path, vocab_size=50000)
+    assert len(tokens.train) == 1000 and len(tokens.val) == 300
+    x, y = data.train_batch(tokens, step=3, batch_size=5, seq_len=16, seed=7)
+    assert x.shape == y.shape == (5, 16) and x.dtype == torch.int64
+    for row_x, row_y in zip(x, y):  # each row is a contiguous window; targets are shifted inputs
+        start = int(torch.nonzero(train_ids == row_x[0])[0])
+        assert torch.equal(row_x, train_ids[start : start + 16])
+        assert torch.equal(row_y, train_ids[start + 1 : start + 17])
+    again, _ = data.train_batch(tokens, step=3, batch_size=5, seq_len=16, seed=7)
+    other, _ = data.train_batch(tokens, step=4, batch_size=5, seq_len=16, seed=7)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    batches = data.val_batches(tokens, count=2, batch_size=3, seq_len=16)
+    assert len(batches) == 2 and torch.equal(batches[0][0][0], val_ids[:16])
+    with pytest.raises(ValueError, match="--vocab-size"):
+        data.train_batch(data.load_bin(tmp_path, vocab_size=100), 0, 4, 16, 0)
+
+
+def test_bin_loader_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        data.load_bin(tmp_path / "absent", 100)
+    (tmp_path / "train.bin").write_bytes(b"\x01\x00" * 10)
+    with pytest.raises(FileNotFoundError, match=r"missing val\.bin"):
+        data.load_bin(tmp_path, 100)
+    (tmp_path / "val.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(ValueError, match=r"val\.bin has 3 bytes"):
+        data.load_bin(tmp_path, 100)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def test_smoke_comparison_writes_results(tmp_path: Path, cache_dir: Path) -> None:
+    out = tmp_path / "results"
+    args = small_args(cache_dir, "--steps", "4", "--eval-every", "2", "--compare", "adamw,dash,shampoo")
+    assert trainer.main([*args, "--block-size", "16", "--out", str(out)]) == 0
+    document = json.loads((out / "train-cpu.json").read_text())
+    assert [r["optimizer"] for r in document["results"]] == ["adamw", "dash", "shampoo"]
+    assert document["command"].startswith("python -m dash_shampoo.train")
+    for result in document["results"]:
+        assert [e["step"] for e in result["evals"]] == [0, 2, 4]
+        assert result["final_val_loss"] < result["evals"][0]["val_loss"]  # it learns something
+        assert result["root_failures"] == 0 and not result["diverged"]
+    dash, shampoo = document["results"][1:]
+    # Stacking does not change the update: DASH and its sequential baseline train alike.
+    assert dash["final_val_loss"] == pytest.approx(shampoo["final_val_loss"], abs=1e-4)
+    table = (out / "train-cpu.md").read_text()
+    assert "| optimizer | lr |" in table and "| shampoo |" in table
+    pytest.importorskip("matplotlib")
+    assert (out / "train-cpu.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["dash", "adamw"])
+def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path: Path, cache_dir: Path, name: str) -> None:
+    common = small_args(
+        cache_dir, "--optimizer", name, "--steps", "6", "--eval-every", "3", "--precondition-frequency", "2"
+    )
+    common += ["--block-size", "16"]
+    whole, first, second = tmp_path / "whole.pt", tmp_path / "first.pt", tmp_path / "second.pt"
+    assert trainer.main([*common, "--checkpoint", str(whole), "--out", str(tmp_path / "a")]) == 0
+    assert trainer.main([*common, "--checkpoint", str(first), "--stop-after", "3"]) == 0
+    assert not (tmp_path / "b").exists()
+    resumed = [*common, "--resume", str(first), "--checkpoint", str(second), "--out", str(tmp_path / "b")]
+    assert trainer.main(resumed) == 0
+    reference = torch.load(whole, weights_only=True)
+    again = torch.load(second, weights_only=True)
+    assert reference["step"] == again["step"] == 6
+    assert reference["train_losses"] == again["train_losses"]  # bitwise: floats compared exactly
+    for key, tensor in reference["model"].items():
+        assert torch.equal(tensor, again["model"][key]), key
+    a = json.loads((tmp_path / "a" / "train-cpu.json").read_text())["results"][0]
+    b = json.loads((tmp_path / "b" / "train-cpu.json").read_text())["results"][0]
+    assert a["evals"][-1]["val_loss"] == b["evals"][-1]["val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["--compare", "adamw,sgd"], "--compare"),
+        (["--optimizer", "dash", "--compare", "adamw"], "--compare"),
+        (["--lr", "fast"], "--lr"),
+        (["--lr", "adamw=1e-3,lion=1e-4"], "--lr"),
+        (["--steps", "0"], "--steps"),
+        (["--warmup", "2.5"], "--warmup"),
+        (["--block-size", "0"], "--block-size"),
+        (["--resume", "/nonexistent/ckpt.pt", "--optimizer", "dash"], "--resume"),
+        (["--checkpoint", "x.pt"], "--checkpoint"),
+        (["--seq-len", "100000"], "--seq-len"),
+        (["--data", "/nonexistent/data"], "--data"),
+        (["--n-head", "3"], "n_head"),
+    ],
+)
+def test_bad_options_fail_naming_the_option(cache_dir: Path, extra: list[str], option: str) -> None:
+    with pytest.raises(SystemExit, match=option):
+        trainer.main([*small_args(cache_dir, "--steps", "2"), *extra])
+
+
+def test_resume_refuses_a_different_run(tmp_path: Path, cache_dir: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pt"
+    common = small_args(cache_dir, "--optimizer", "adamw", "--steps", "2")
+    assert trainer.main([*common, "--checkpoint", str(checkpoint), "--stop-after", "1"]) == 0
+    with pytest.raises(SystemExit, match="--batch-size"):
+        trainer.main([*common, "--batch-size", "2", "--resume", str(checkpoint)])
+    with pytest.raises(SystemExit, match="saved by optimizer 'adamw'"):
+        trainer.main(
+            [*small_args(cache_dir, "--optimizer", "dash", "--steps", "2"), "--resume", str(checkpoint)]
+        )
