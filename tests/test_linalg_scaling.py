@@ -305,28 +305,17 @@ def test_spectral_scale_argument_errors(kwargs, error, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bugs: the norms and the power-iteration normalisation are not scaled, so fp32 matrices of
-# extreme magnitude break the documented guarantees (see each reason). Strict: they fail once fixed.
+# Extreme magnitudes: unscaled, the squares in the norms of fp32 matrices with entries ~1e-25 or
+# ~1e20 underflow or overflow, and the documented guarantees fail; the estimates normalise first.
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ||A||_F of an fp32 matrix with entries ~1e-25 underflows to 0, so 'fro' and 'bound' "
-    "return finfo.tiny = 1.2e-38, far below λ_max = 1e-25, against the documented guarantee s >= λ_max",
-)
 @pytest.mark.parametrize("method", ["fro", "bound"])
 def test_norm_scales_hold_for_tiny_matrices(method):
     A = 1e-25 * stack("log_cond_1e1", N=1)
     assert (spectral_scale(A, method).double() >= lambda_max(A) * (1 - SLACK)).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: power iteration normalises with V.norm(), whose squares overflow for fp32 entries "
-    "~1e20, so V becomes 0 and the estimate 0: the scale falls to finfo.tiny and newton/ndb return "
-    "non-finite roots even with eps > 0",
-)
 @pytest.mark.parametrize("method", ["power", "power_multi"])
 def test_power_scale_holds_for_huge_matrices(method):
     A = 1e20 * stack("log_cond_1e1", N=1)
@@ -334,11 +323,6 @@ def test_power_scale_holds_for_huge_matrices(method):
     assert (estimate >= 0.5 * lambda_max(A)).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: for fp32 entries ~1e-30 the squares in V.norm() underflow, V / tiny is not a unit "
-    "vector and the 'lower bound' comes out 1e16 times λ_max",
-)
 def test_power_iteration_is_a_lower_bound_for_tiny_matrices():
     A = 1e-30 * stack("log_cond_1e1", N=1)
     assert (power_iteration(A).double() <= lambda_max(A) * (1 + SLACK)).all()

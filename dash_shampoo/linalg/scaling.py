@@ -11,6 +11,8 @@ The iterative inverse-root solvers need a scale ``s`` with ``λ_max(A) <= s`` (o
 - ``"bound"``: ``min(||A||_F, max_i Σ_j |A_ij|)``. Both are norms that dominate the spectral radius,
   so the minimum is a guaranteed upper bound, usually tighter than the Frobenius norm alone.
 
+Every estimate is computed on ``A / max_ij |A_ij|`` and scaled back, so fp32 matrices with entries
+near the ends of the range (1e-30, 1e20) neither underflow nor overflow in the squares of the norms.
 Random vectors come from the caller's ``torch.Generator``; the global RNG is never touched.
 """
 
@@ -44,6 +46,7 @@ def power_iteration(
     Returns:
         Tensor of shape (N,) with lower bounds of ``λ_max`` (exact in the limit of many steps).
     """
+    A, magnitude = _normalized(A)
     n = A.shape[-1]
     if generator is None:
         generator = torch.Generator(device=A.device).manual_seed(0)
@@ -53,7 +56,13 @@ def power_iteration(
         V = torch.bmm(A, V)
         V = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     quotients = (V * torch.bmm(A, V)).sum(dim=1)
-    return quotients.amax(dim=-1).clamp_min(0)
+    return quotients.amax(dim=-1).clamp_min(0) * magnitude
+
+
+def _normalized(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A / m, m)`` with ``m = max_ij |A_ij|`` per matrix (at least the smallest normal number)."""
+    magnitude = A.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(A.dtype).tiny)
+    return A / magnitude[:, None, None], magnitude
 
 
 def spectral_scale(
@@ -76,11 +85,12 @@ def spectral_scale(
     check_number("num_vectors", num_vectors, low=1, integer=True)
     check_number("safety", safety, low=0, low_open=True)
     tiny = torch.finfo(A.dtype).tiny
-    if method == "fro":
-        scale = torch.linalg.matrix_norm(A, ord="fro")
-    elif method == "bound":
-        frobenius = torch.linalg.matrix_norm(A, ord="fro")
-        scale = torch.minimum(frobenius, A.abs().sum(dim=-1).amax(dim=-1))
+    if method in ("fro", "bound"):
+        normalized, magnitude = _normalized(A)
+        scale = torch.linalg.matrix_norm(normalized, ord="fro")
+        if method == "bound":
+            scale = torch.minimum(scale, normalized.abs().sum(dim=-1).amax(dim=-1))
+        scale = scale * magnitude
     else:
         vectors = 1 if method == "power" else num_vectors
         scale = safety * power_iteration(A, steps=steps, num_vectors=vectors, generator=generator)
