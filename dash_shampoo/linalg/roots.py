@@ -110,12 +110,14 @@ def eigh_inverse_root(
 
     - ``"shift"`` (Shampoo's treatment): ``λ ← λ − min(λ_min, 0) + eps``, so the smallest is at least
       ``eps`` (``eps`` is thus added twice to a PSD matrix, as in Distributed Shampoo and DASH).
-    - ``"pinv"``: pseudo-inverse root: eigenvalues ``λ_A = λ − eps`` at or below
-      ``max(eps, n·ε_machine·λ_max)`` contribute zero instead of a huge value.
+    - ``"pinv"``: pseudo-inverse root of ``A`` itself: eigenvalues ``λ_A = λ − eps`` at or below
+      ``max(eps, n·ε_machine·λ_max)`` contribute zero instead of a huge value, and the kept ones
+      are inverted without the ridge (``eps`` serves only as the cut-off).
     - ``"abs"``: ``λ ← |λ_A| + eps``.
 
     Then ``A^(-1/p) = Q diag(λ^(-1/p)) Qᵀ``. Matrices whose decomposition fails come out as NaN
-    (see :func:`eigh_with_fallback`). With ``eps = 0`` a singular matrix gives ``inf`` except with
+    (see :func:`eigh_with_fallback`). With ``eps = 0`` a singular matrix gives non-finite entries
+    (``0^(-1/p) = inf``, and ``inf · 0 = NaN`` in the product with the eigenvectors) except with
     ``"pinv"``.
     """
     values, vectors, failed = eigh_with_fallback(_with_ridge(A, eps))
@@ -329,9 +331,10 @@ def chebyshev_inverse_root(
     With ``B = (A + eps·I) / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series
     approximates ``(B + a·I)^(-1/p)`` on ``[a, 1 + a]`` in the variable ``T = 2B − I``; Clenshaw's
     recurrence ``b_k = 2 T b_{k+1} − b_{k+2} + c_k I``, result ``T b_1 − b_2 + c_0 I``, costs ``d``
-    matmuls. Multiplying by ``s^(-1/p)`` undoes the scaling. The relative ridge ``a·s`` keeps the
-    function smooth on the interval: the series converges geometrically at a rate set by ``a``
-    (about ``exp(−2 d sqrt(a))``), so eigenvalues far below ``a·λ_max`` are damped, not inverted.
+    matmuls (``b_d = c_d I`` needs none). Multiplying by ``s^(-1/p)`` undoes the scaling. The
+    relative ridge ``a·s`` keeps the function smooth on the interval: the series converges
+    geometrically at a rate set by ``a`` (about ``exp(−2 d sqrt(a))``), so eigenvalues far below
+    ``a·λ_max`` are damped, not inverted.
     The default ``"bound"`` scaling guarantees ``s >= λ_max``, so no eigenvalue leaves the interval.
     """
     X = _with_ridge(A, eps)
@@ -341,9 +344,9 @@ def chebyshev_inverse_root(
     coefficients = chebyshev_coefficients(float(p), degree, float(interval_lower), X.device, X.dtype).tolist()
     T = X * (2 / scale)[:, None, None]
     T.diagonal(dim1=-2, dim2=-1).sub_(1)
-    b_next = torch.zeros_like(X)  # b_{k+1}
+    b_next = _eye_like(X) * coefficients[-1]  # b_{k+1}, from b_d = c_d I
     b_after = torch.zeros_like(X)  # b_{k+2}
-    for c in reversed(coefficients[1:]):
+    for c in reversed(coefficients[1:-1]):
         b_k = bmm(T, b_next, precision).mul_(2).sub_(b_after)
         b_k.diagonal(dim1=-2, dim2=-1).add_(c)
         b_after, b_next = b_next, b_k
@@ -378,6 +381,11 @@ def inverse_root(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(A + eps·I)^(-1/p)`` for every matrix of the symmetric PSD stack ``A`` (N, n, n).
+
+    Exactly so for ``"newton"`` and ``"ndb"`` (up to convergence). ``"eigh"`` treats the eigenvalues
+    of ``A + eps·I`` by ``eigen_fix`` (``"shift"`` adds ``eps`` a second time; see
+    :func:`eigh_inverse_root`); ``"chebyshev"`` adds the relative ridge ``interval_lower · s`` as well
+    (see :func:`chebyshev_inverse_root`).
 
     Args:
         A: stack of symmetric PSD matrices, any floating dtype, any N >= 0 and n >= 1.
