@@ -148,6 +148,26 @@ def _max_abs_deviation_from_identity(M: torch.Tensor) -> torch.Tensor:
     return D.abs().flatten(1).amax(dim=1)
 
 
+def _shifted_identity(M: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``a·M + b·I`` as a new tensor (scaled copy plus a diagonal add: no identity stack is formed)."""
+    out = M * a
+    out.diagonal(dim1=-2, dim2=-1).add_(b)
+    return out
+
+
+def _masked_update(
+    active: torch.Tensor, tol: float | None, *pairs: tuple[torch.Tensor, torch.Tensor]
+) -> list[torch.Tensor]:
+    """The new value of each ``(new, old)`` pair where ``active``, else the old one.
+
+    Without ``tol`` every matrix is active, so the new values are returned without a select.
+    """
+    if tol is None:
+        return [new for new, _ in pairs]
+    keep = active[:, None, None]
+    return [torch.where(keep, new, old) for new, old in pairs]
+
+
 def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
     """``N^p`` for integer ``p >= 1`` by repeated squaring."""
     result = None
@@ -197,18 +217,15 @@ def newton_inverse_root(
     z = ((p + 1) / (2 * scale))[:, None, None]
     M = X * z
     root = _eye_like(X) * z.pow(1.0 / p)
-    identity = _eye_like(X)
     active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
     iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
     for _ in range(steps):
         if tol is not None:
             active = active & (_max_abs_deviation_from_identity(M) >= tol)
-        N = identity * ((p + 1) / p) - M / p
+        N = _shifted_identity(M, -1.0 / p, (p + 1) / p)
         new_root = bmm(root, N, "fp32")
         new_M = bmm(_power(N, p, precision), M, precision)
-        keep = active[:, None, None]
-        root = torch.where(keep, new_root, root)
-        M = torch.where(keep, new_M, M)
+        root, M = _masked_update(active, tol, (new_root, root), (new_M, M))
         iterations += active
     return _symmetrize(root).to(A.dtype), iterations
 
@@ -223,20 +240,17 @@ def _ndb_stage(
     ``(0, 2)``. Returns ``(Y, Z, iterations)``, not yet rescaled.
     """
     Y = X / scale[:, None, None]
-    identity = _eye_like(X)
-    Z = identity.clone()
+    Z = _eye_like(X)
     active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
     iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
     for k in range(steps):
         ZY = Y if k == 0 else bmm(Z, Y, precision)
         if tol is not None:
             active = active & (_max_abs_deviation_from_identity(ZY) >= tol)
-        E = identity * 1.5 - ZY * 0.5
+        E = _shifted_identity(ZY, -0.5, 1.5)
         new_Y = bmm(Y, E, precision)
         new_Z = E if k == 0 else bmm(E, Z, precision)
-        keep = active[:, None, None]
-        Y = torch.where(keep, new_Y, Y)
-        Z = torch.where(keep, new_Z, Z)
+        Y, Z = _masked_update(active, tol, (new_Y, Y), (new_Z, Z))
         iterations += active
     return Y, Z, iterations
 
