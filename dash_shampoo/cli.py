@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             modules[name] = importlib.import_module(module_name)
             modules[name].add_arguments(sub)
     args = parser.parse_args(argv)
+    args.command_line = ["dash-shampoo", *argv]  # recorded in result files
     return modules[args.command].run(args)
 
 
