@@ -94,7 +94,12 @@ class Ownership:
 
 
 def resolve_group(process_group: Any) -> Any:
-    """The process group to use: the given one, the default one if initialised, or ``None``."""
+    """The process group to use: the given one, the default one if initialised, or ``None``.
+
+    ``False`` opts out: ``None`` (this process computes every block) even when a group exists.
+    """
+    if process_group is False:
+        return None
     if process_group is None:
         if dist.is_available() and dist.is_initialized():
             return dist.group.WORLD
@@ -103,7 +108,8 @@ def resolve_group(process_group: Any) -> Any:
         raise ValueError("process_group was given but torch.distributed is not initialised")
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            f"process_group must be a torch.distributed.ProcessGroup; got {type(process_group).__name__}"
+            "process_group must be None, False or a torch.distributed.ProcessGroup; "
+            f"got {type(process_group).__name__}"
         )
     if dist.get_rank(process_group) < 0:
         raise ValueError("process_group does not contain this rank")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -116,6 +117,7 @@ class DASH(Optimizer):
             ``torch.distributed`` is initialised). Each rank refreshes and applies its share of the
             blocks and the updates are all-gathered (:mod:`dash_shampoo.distributed`); every rank
             must hold the same gradients (DDP). Call :meth:`state_dict` on every rank: it gathers.
+            ``False``: no distribution (every rank computes every block, as in one process).
         communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
 
     A root refresh that fails or is not finite keeps the previous root of that factor (the identity
@@ -223,6 +225,9 @@ class DASH(Optimizer):
         state = super().__getstate__()
         for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps"):
             state[key] = getattr(self, key)
+        # A ProcessGroup cannot be pickled or copied: record which kind of group this was.
+        state.pop("_group", None)
+        state["_group_kind"] = _group_kind(self._group)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -231,7 +236,14 @@ class DASH(Optimizer):
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("seed", 0)
         self.__dict__.setdefault("communication", "fp32")
-        self.__dict__.setdefault("_group", distributed.resolve_group(None))
+        kind = self.__dict__.pop("_group_kind", "default")
+        if kind == "custom":
+            warnings.warn(
+                "DASH was copied or unpickled from an optimizer with a custom process_group, which "
+                "cannot be copied; the copy distributes over the default group if one is initialised",
+                stacklevel=2,
+            )
+        self._group = distributed.resolve_group(False if kind == "none" else None)
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("skipped_steps", 0)
@@ -546,6 +558,13 @@ def _signature(groups: list[dict[str, Any]]) -> tuple:
 
 def _freeze(value: Any) -> Any:
     return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def _group_kind(group: Any) -> str:
+    """``"none"`` (no distribution), ``"default"`` (the default group) or ``"custom"``."""
+    if group is None:
+        return "none"
+    return "default" if group is torch.distributed.group.WORLD else "custom"
 
 
 def _check_group(group: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import it; results are written with ``torch.save`` to ``out_dir/<name>-<rank>.pt
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 
@@ -68,8 +69,18 @@ def scenario_train(rank: int, world: int, out_dir: str) -> dict:
     optimizer = DASH(model.parameters(), **OPTIONS)
     train(model, optimizer, range(1, 7))
     plan = optimizer._plan
+    # process_group=False: this rank computes every block, exactly as one process would.
+    local_model = mixed_model()
+    local = DASH(local_model.parameters(), process_group=False, **OPTIONS)
+    train(local_model, local, range(1, 7))
     return {
         "params": flat(model),
+        "local_params": flat(local_model),
+        "local_stats": local.distribution_stats(),
+        "copy_kinds": [
+            copy.deepcopy(optimizer).distribution_stats()["world_size"],
+            copy.deepcopy(local).distribution_stats()["world_size"],
+        ],
         "imbalance": plan.ownership.imbalance(),
         "bytes": plan.exchange.bytes_per_step,
         "stats": optimizer.distribution_stats(),

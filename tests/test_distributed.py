@@ -82,6 +82,10 @@ def test_ranks_agree_and_match_single_process(ranks, request):
         stats = result["stats"]
         assert stats["world_size"] == len(results)
         assert stats["bytes_per_step"] == result["bytes"] > 0
+        # Opting out and copies: a copy keeps the kind of group (default or none).
+        assert result["local_stats"]["world_size"] == 1
+        assert torch.equal(result["local_params"], expected)
+        assert result["copy_kinds"] == [len(results), 1]
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
@@ -141,7 +145,9 @@ def test_parameters_that_differ_across_ranks_raise(two_ranks):
     assert all(e is not None and "same parameters and options on every rank" in e for e in errors)
     assert "(4, 5)" in errors[0] and "(4, 4)" in errors[0]
     for result in two_ranks[0]["mismatch"]:
-        assert result["type_error"] == "process_group must be a torch.distributed.ProcessGroup; got str"
+        assert result["type_error"] == (
+            "process_group must be None, False or a torch.distributed.ProcessGroup; got str"
+        )
 
 
 def test_process_group_without_initialisation_raises():
