@@ -47,7 +47,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -62,6 +61,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
+from .common import command_text, ms, spread
 from .shapes import MODELS, make_parameters
 
 #: The configurations: name -> (how the work is distributed, communication dtype).
@@ -451,27 +451,6 @@ def _ratio(base: dict[str, Any] | None, own: float | None) -> float | None:
     return base["per_step"] / own if base and base["per_step"] and own else None
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as typed when run from the command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "dist"]:
-        return shlex.join(["dash-shampoo", *argv])
-    return "dash-shampoo bench dist (called from Python)"
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    ms = seconds * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
-def _spread(figures: dict[str, Any] | None) -> str:
-    if not figures:
-        return "–"
-    return f"{_ms(figures['median'])} [{_ms(figures['min'])}–{_ms(figures['max'])}] n={figures['n']}"
-
-
 def _bytes(count: int | None) -> str:
     if not count:
         return "0"
@@ -493,8 +472,8 @@ def _times(x: float | None) -> str:
 def _steps_text(row: dict[str, Any]) -> tuple[str, str]:
     """(step time text, refresh step text): for F = 1 every step refreshes."""
     if row["frequency"] == 1:
-        return _spread(row["refresh"]), "(every step)"
-    return _spread(row["other"]), _spread(row["refresh"])
+        return spread(row["refresh"]), "(every step)"
+    return spread(row["other"]), spread(row["refresh"])
 
 
 def summary_table(summaries: list[dict[str, Any]]) -> str:
@@ -509,7 +488,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
         step, refresh = _steps_text(s)
         deviation = s["max_abs_diff_vs_replicated"]
         lines.append(
-            f"| {s['world']} | {s['frequency']} | {s['config']} | {_ms(s['per_step'])} | {step} | "
+            f"| {s['world']} | {s['frequency']} | {s['config']} | {ms(s['per_step'])} | {step} | "
             f"{refresh} | "
             f"{', '.join(str(b) for b in s['owned_blocks'])} | {s['imbalance']:.3f} | "
             f"{_bytes(s['bytes_per_step'])}{_model_ratio(s)} | {_times(s['speedup_vs_replicated'])} | "
@@ -531,7 +510,7 @@ def rank_table(rows: list[dict[str, Any]]) -> str:
         st = r["stats"]
         lines.append(
             f"| {r['world']} | {r['frequency']} | {r['config']} | {r['rank']} | {r['threads']} | "
-            f"{st['owned_blocks']} | {st['imbalance']:.3f} | {st['bytes_per_step']} | {_ms(r['per_step'])} | "
+            f"{st['owned_blocks']} | {st['imbalance']:.3f} | {st['bytes_per_step']} | {ms(r['per_step'])} | "
             f"{step} | {refresh} | {_times(r['speedup_vs_replicated'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -652,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.cuda.get_device_name(0) if device_type == "cuda" else cpu_name()
     model = MODELS[args.model]
     report = {
-        "command": command_line(),
+        "command": command_text(args, "dash-shampoo bench dist (called from Python)"),
         "device": device,
         "device_type": device_type,
         "cores": _cpu_count(),

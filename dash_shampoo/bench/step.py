@@ -36,7 +36,6 @@ import json
 import math
 import platform
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ from ..blocking import BlockPlan
 from ..linalg import bmm
 from ..optimizer import DASH
 from . import peers as peers_module
+from .common import command_text, ms, spread
 from .shapes import MODELS, ModelShapes, factor_counts, make_parameters
 
 STACKINGS = ("global", "layer", "none")
@@ -837,28 +837,6 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as typed (``dash-shampoo bench step ...``) when run from the command line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "step"]:
-        return shlex.join(["dash-shampoo", *argv])
-    return "dash-shampoo bench step (called from Python)"
-
-
-def _ms(x: float | None) -> str:
-    if x is None:
-        return "–"
-    return f"{x * 1e3:.3g}" if x * 1e3 < 100 else f"{x * 1e3:.0f}"
-
-
-def _spread(stats: dict[str, Any] | None) -> str:
-    if not stats:
-        return "–"
-    if stats["n"] == 1:
-        return f"{_ms(stats['median'])} (n=1)"
-    return f"{_ms(stats['median'])} [{_ms(stats['min'])}–{_ms(stats['max'])}] n={stats['n']}"
-
-
 def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
@@ -870,8 +848,8 @@ def _progress_line(row: dict[str, Any]) -> str:
     solver = row.get("solver")
     extra = f", root {solver['flops_per_s'] / 1e9:.1f} GFLOP/s" if solver and solver["flops_per_s"] else ""
     return (
-        f"  {name}: per step {_ms(row['per_step'])} ms (refresh {_spread(row['refresh'])}, other "
-        f"{_spread(row['other'])}){extra}, {row['row_seconds']:.1f} s"
+        f"  {name}: per step {ms(row['per_step'])} ms (refresh {spread(row['refresh'])}, other "
+        f"{spread(row['other'])}){extra}, {row['row_seconds']:.1f} s"
     )
 
 
@@ -914,9 +892,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                     str(row["frequency"]) if row["kind"] != "adamw" else "–",
                     row["stacking"] or "–",
                     row["method"] or "–",
-                    _ms(row.get("per_step")),
-                    _spread(row.get("refresh")) if row["frequency"] > 1 else "–",
-                    _spread(row.get("other")) if row["frequency"] > 1 else _spread(row.get("refresh")),
+                    ms(row.get("per_step")),
+                    spread(row.get("refresh")) if row["frequency"] > 1 else "–",
+                    spread(row.get("other")) if row["frequency"] > 1 else spread(row.get("refresh")),
                     _ratio(row.get("vs_adamw")),
                     _ratio(row.get("vs_best_peer")),
                     f"{state:.1f}" if state is not None else "–",
@@ -1033,7 +1011,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows = run_rows(specs, device, args, calibration, progress)
     report = {
-        "command": command_line(),
+        "command": command_text(args, "dash-shampoo bench step (called from Python)"),
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
