@@ -381,23 +381,21 @@ class DASH(Optimizer):
         return loss
 
     def _gradients_finite(self, plan: _Plan) -> bool:
+        # A sum is finite only if every term is (inf, -inf and NaN all propagate), so one reduction
+        # per stack decides the usual case; only a non-finite sum (possibly an overflow of finite
+        # values) is checked element by element.
         per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for stack in plan.stacks:
-            per_device[stack.grad.device].append(torch.isfinite(stack.grad).all())
-        flags = [torch.stack(f).all().cpu() for f in per_device.values()]
-        local = torch.stack(flags).all() if flags else torch.tensor(True)
-        if distributed.all_finite(self._group, local):
+            per_device[stack.grad.device].append(stack.grad.sum())
+        flags = [torch.isfinite(torch.stack(f)).all().cpu() for f in per_device.values()]
+        local = bool(torch.stack(flags).all()) if flags else True
+        bad = [] if local else [s for s in plan.stacks if not bool(torch.isfinite(s.grad).all())]
+        if distributed.all_finite(self._group, torch.tensor(not bad)):
             return True
         if self.nonfinite == "raise":
-            names = sorted(
-                {
-                    f"group {stack.group}, shape {tuple(m.param.shape)}"
-                    for stack, flag in zip(plan.stacks, flags)
-                    if not bool(flag)
-                    for m in stack.members
-                }
-            )
-            raise FloatingPointError(f"DASH got a non-finite gradient in: {'; '.join(names)}")
+            names = sorted({f"group {s.group}, shape {tuple(m.param.shape)}" for s in bad for m in s.members})
+            where = "; ".join(names) if names else "another rank's gradients"
+            raise FloatingPointError(f"DASH got a non-finite gradient in: {where}")
         self.skipped_steps += 1
         return False
 

@@ -585,6 +585,17 @@ def test_nonfinite_raise():
         opt.step()
 
 
+def test_huge_finite_gradients_are_not_skipped():
+    # The fast check sums each stack; 16 entries of 3e38 overflow that sum to inf although every
+    # entry is finite, so the exact elementwise check must clear the step.
+    w = torch.zeros(4, 4, requires_grad=True)
+    opt = DASH([w], lr=0.1, block_size=4, nonfinite="raise")
+    w.grad = torch.full((4, 4), 3e38)
+    opt.step()
+    assert opt.skipped_steps == 0 and int(opt.state[w]["step"]) == 1
+    assert torch.isfinite(w).all()  # (its squares overflow too: the factor root fails and is counted)
+
+
 @pytest.mark.parametrize("stacking", STACKINGS)
 def test_root_failure_keeps_previous_root(monkeypatch, stacking):
     w = torch.randn(8, 8, requires_grad=True)
