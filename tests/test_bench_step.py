@@ -26,6 +26,9 @@ def test_step_quick_rows(tmp_path: Path) -> None:
         assert row["root_failures"] == 0
         assert row["vs_adamw"] > 1.0  # a Shampoo step does strictly more work than an AdamW step
         assert row["state_bytes_per_param"] > 8.0  # Adam's two moments plus the factors and roots
+        assert row["speedup_vs_none"] > 0
+        if row["stacking"] == "none":
+            assert row["speedup_vs_none"] == 1.0
         if row["frequency"] > 1:
             # Steps between refreshes skip the solver, so they cost less than a refresh step.
             assert row["other"]["median"] < row["refresh"]["median"]

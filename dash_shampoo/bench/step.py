@@ -793,6 +793,18 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         value = row.get("per_step")
         row["vs_adamw"] = value / min(adamw) if value and adamw else None
         row["vs_best_peer"] = value / min(peers) if value and peers and row["kind"] != "adamw" else None
+        # Speed-up over DASH's sequential mode ("none") on the same model, block, F and solver.
+        sequential = [
+            r["per_step"]
+            for r in timed
+            if r["kind"] == "dash"
+            and r["stacking"] == "none"
+            and (r["block_size"], r["frequency"], r["method"])
+            == (row["block_size"], row["frequency"], row.get("method"))
+        ]
+        row["speedup_vs_none"] = (
+            sequential[0] / value if value and sequential and row["kind"] == "dash" else None
+        )
 
 
 def _add_efficiency(rows: list[dict[str, Any]], calibration: Calibration) -> None:
@@ -865,9 +877,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The main markdown table (one line per row)."""
     head = (
         "| model | optimizer | B | F | stacking | solver | per step ms | refresh step ms [min–max] | "
-        "other step ms [min–max] | × AdamW | × best peer | state B/param | root GFLOP/s | % of bmm | "
-        "notes |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "other step ms [min–max] | × AdamW | × best peer | speed-up vs none | state B/param | "
+        "root GFLOP/s | % of bmm | notes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
@@ -897,6 +909,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     spread(row.get("other")) if row["frequency"] > 1 else spread(row.get("refresh")),
                     _ratio(row.get("vs_adamw")),
                     _ratio(row.get("vs_best_peer")),
+                    _ratio(row.get("speedup_vs_none")),
                     f"{state:.1f}" if state is not None else "–",
                     f"{rate / 1e9:.1f}" if rate else "–",
                     f"{100 * efficiency:.0f}%" if efficiency else "–",
@@ -932,7 +945,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{table(report['rows'])}\n"
         "How to read it. *per step* is the median step time, or for F > 1 the amortised "
         "`(refresh + (F−1)·other)/F` of the two medians; *× AdamW* divides it by the fastest AdamW "
-        "row of the model and *× best peer* by the fastest peer row with the same model, B and F. "
+        "row of the model and *× best peer* by the fastest peer row with the same model, B and F; "
+        "*speed-up vs none* is the time of DASH's sequential per-block mode (stacking `none`, same "
+        "model, B, F and solver) divided by this row's. "
         "The gradient is random (seeded) and the same at every step; it is copied into `p.grad` "
         "outside the timed region. *root GFLOP/s* is the solver flop count (see *notes*; eigh is "
         "a nominal 9n³+2n³) over the solver time of a refresh step (`inverse_root` calls timed "
