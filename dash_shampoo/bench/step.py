@@ -258,8 +258,7 @@ CPU_GRID: dict[str, dict[str, Any]] = {
     "mini": {
         "dash": [
             *[(256, 10, s, m) for s in STACKINGS for m in ("ndb", "eigh", "newton")],
-            (256, 1, "global", "ndb"),
-            (256, 1, "global", "eigh"),
+            *[(256, 1, s, m) for s in STACKINGS for m in ("ndb", "eigh")],
             (512, 10, "global", "ndb"),
             (512, 10, "global", "eigh"),
             (1024, 10, "global", "eigh"),
