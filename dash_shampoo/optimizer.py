@@ -120,7 +120,8 @@ class DASH(Optimizer):
             ``False``: no distribution (every rank computes every block, as in one process).
         communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
 
-    A root refresh that fails or is not finite keeps the previous root of that factor (the identity
+    A root refresh that fails, is not finite or has an entry above ``2·root_eps^(-1/p)`` (no exact
+    root can: a diverged low-precision iteration can) keeps the previous root of that factor (the identity
     before the first success) and is counted in :attr:`root_failures`.
     """
 
@@ -447,7 +448,12 @@ class DASH(Optimizer):
             interval_lower=group["chebyshev_interval_lower"],
             generator=generator,
         )
-        ok = torch.isfinite(new).flatten(1).all(dim=1)
+        # Exact roots obey |X_ij| <= ||X||_2 <= eps^(-1/p) (every eigenvalue of the ridged factor
+        # is at least eps); a diverged iteration can be finite and far beyond that (2x slack).
+        eps = group["root_eps"]
+        bound = 2.0 * eps ** (-1.0 / bank.root) if eps > 0 else math.inf
+        peak = new.abs().flatten(1).amax(dim=1)
+        ok = torch.isfinite(peak) & (peak <= bound)
         new = torch.where(ok[:, None, None], new, old)
         if rows == "all":
             bank.roots.copy_(new)

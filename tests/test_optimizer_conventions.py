@@ -596,10 +596,21 @@ def test_huge_finite_gradients_are_not_skipped():
     assert torch.isfinite(w).all()  # (its squares overflow too: the factor root fails and is counted)
 
 
+# NaN, and a finite root no exact root can be: with root_eps = 1e-4 every eigenvalue of
+# (A + eps I)^(-1/4) is at most eps^(-1/4) = 10, so an entry of 1e28 (a diverged iteration) fails.
+@pytest.mark.parametrize("bad", [float("nan"), 1e28])
 @pytest.mark.parametrize("stacking", STACKINGS)
-def test_root_failure_keeps_previous_root(monkeypatch, stacking):
+def test_root_failure_keeps_previous_root(monkeypatch, stacking, bad):
     w = torch.randn(8, 8, requires_grad=True)
-    opt = DASH([w], lr=0.1, block_size=4, root_method="eigh", precondition_frequency=1, stacking=stacking)
+    opt = DASH(
+        [w],
+        lr=0.1,
+        block_size=4,
+        root_method="eigh",
+        root_eps=1e-4,
+        precondition_frequency=1,
+        stacking=stacking,
+    )
     real = optimizer_module.inverse_root
     fail = {"on": False, "calls": 0}
 
@@ -608,7 +619,7 @@ def test_root_failure_keeps_previous_root(monkeypatch, stacking):
         if fail["on"]:
             fail["calls"] += 1
             out = out.clone()
-            out[0] = float("nan")
+            out[0] = bad
         return out
 
     monkeypatch.setattr(optimizer_module, "inverse_root", flaky)
