@@ -1,10 +1,17 @@
-"""Formatting shared by the benchmark reports: the command line, milliseconds, medians with spread."""
+"""Shared by the reports: the command line, milliseconds, medians with spread, the device's name."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import platform
+import re
 import shlex
+from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def command_text(args: argparse.Namespace, default: str) -> str:
@@ -28,3 +35,32 @@ def spread(stats: dict[str, Any] | None) -> str:
     if stats["n"] == 1:
         return f"{ms(stats['median'])} (n=1)"
     return f"{ms(stats['median'])} [{ms(stats['min'])}–{ms(stats['max'])}] n={stats['n']}"
+
+
+def cpu_model() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform`` where there is none)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return model
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with torch's thread count and the usable cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads, {cpu_count()} cores)"
+
+
+def device_slug(device: torch.device) -> str:
+    """File-name tag: ``cpu``, or the lower-case GPU name with dashes."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")

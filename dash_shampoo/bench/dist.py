@@ -41,7 +41,6 @@ with their [min–max] spread.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -61,7 +60,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
-from .common import command_text, ms, spread
+from .common import command_text, cpu_count, cpu_model, ms, spread
 from .shapes import MODELS, make_parameters
 
 #: The configurations: name -> (how the work is distributed, communication dtype).
@@ -165,19 +164,9 @@ def _backend(requested: str, world: int) -> str:
     return "gloo"
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def cpu_name() -> str:
-    """The CPU model from ``/proc/cpuinfo`` (or ``platform``) with the number of usable cores."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({_cpu_count()} cores)"
+    """The CPU model with the number of usable cores."""
+    return f"{cpu_model()} ({cpu_count()} cores)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
     backends = []
     for world in args.worlds:
         backends.append(backend)
-        threads = args.threads or max(1, _cpu_count() // world)
+        threads = args.threads or max(1, cpu_count() // world)
         spec = {
             "backend": backend,
             "model": args.model,
@@ -634,7 +623,7 @@ def run(args: argparse.Namespace) -> int:
         "command": command_text(args, "dash-shampoo bench dist (called from Python)"),
         "device": device,
         "device_type": device_type,
-        "cores": _cpu_count(),
+        "cores": cpu_count(),
         "backends": sorted(set(backends)),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -60,6 +59,7 @@ import torch
 
 from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root, ndb_inverse_root, newton_inverse_root
 from ..linalg.scaling import spectral_scale
+from .common import device_name, device_slug
 
 #: Scaling each iterative method uses by default in :func:`dash_shampoo.linalg.inverse_root`.
 DEFAULT_SCALING = {"newton": "power_multi", "ndb": "power_multi", "chebyshev": "bound"}
@@ -440,28 +440,6 @@ def iteration_row(
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    """Human-readable name of ``device``: the GPU name, or the CPU model and torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    """File-name tag: ``cpu`` on the CPU, the lower-case GPU name with dashes on CUDA."""
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -35,7 +35,6 @@ import gc
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ from ..blocking import BlockPlan
 from ..linalg import bmm
 from ..optimizer import DASH
 from . import peers as peers_module
-from .common import command_text, ms, spread
+from .common import command_text, device_name, device_slug, ms, spread
 from .shapes import MODELS, ModelShapes, factor_counts, make_parameters
 
 STACKINGS = ("global", "layer", "none")
@@ -304,7 +303,8 @@ def root_flops(
     """Flops of one ``n × n`` inverse root: ``(total, matmul part, label)``.
 
     A matmul of two ``n × n`` matrices is ``2n³``. ``ndb`` (``p = 2^k``): ``k`` stages (one for
-    ``p ≤ 2``) of ``1 + 3(steps − 1)`` matmuls (root 4, 10 steps: 56), one more for ``p = 1``.
+    ``p ≤ 2``) of ``3(steps − 1)`` matmuls (root 4, 10 steps: 54; the first step needs one, the
+    last two), one more for ``p = 1``.
     ``newton``: per step ``X·N``, ``N^p`` by squaring (2 for ``p = 4``) and ``N^p·M``.
     ``chebyshev``: ``degree`` matmuls (Clenshaw). Power-iteration scaling adds
     ``2n²·v·(scaling_steps + 1)``. ``eigh`` is counted as a nominal ``9n³`` plus ``2n³`` for
@@ -313,7 +313,9 @@ def root_flops(
     matmul = 2.0 * n**3
     if method == "ndb":
         stages = max(int(math.log2(p)), 1) if p >= 2 else 1
-        count = stages * (1 + 3 * (steps - 1)) + (1 if p == 1 else 0)
+        # One step: one matmul in a square-root stage, none in the inverse-square-root stage.
+        count = stages * 3 * (steps - 1) if steps > 1 else stages - 1
+        count += 1 if p == 1 else 0
         label = f"ndb {count} matmuls"
     elif method == "newton":
         count = steps * (2 + _power_matmuls(int(p)))
@@ -820,32 +822,6 @@ def _add_efficiency(rows: list[dict[str, Any]], calibration: Calibration) -> Non
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU name, or the CPU model from ``/proc/cpuinfo`` with torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({torch.get_num_threads()} threads, {_cpu_count()} cores)"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def device_slug(device: torch.device) -> str:
-    """File-name tag: ``cpu``, or the lower-case GPU name with dashes."""
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def _ratio(x: float | None) -> str:

@@ -231,13 +231,19 @@ def newton_inverse_root(
 
 
 def _ndb_stage(
-    X: torch.Tensor, scale: torch.Tensor, steps: int, tol: float | None, precision: Precision
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    X: torch.Tensor,
+    scale: torch.Tensor,
+    steps: int,
+    tol: float | None,
+    precision: Precision,
+    want: Literal["Y", "Z"],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Coupled Newton–Schulz iteration for ``B = X / s``: ``Y → B^(1/2)``, ``Z → B^(-1/2)``.
 
     ``E_k = (3 I − Z_k Y_k) / 2``, ``Y_{k+1} = Y_k E_k``, ``Z_{k+1} = E_k Z_k`` from ``Y_0 = B``,
-    ``Z_0 = I`` (three matmuls a step, no inverse). It converges while the spectrum of ``B`` lies in
-    ``(0, 2)``. Returns ``(Y, Z, iterations)``, not yet rescaled.
+    ``Z_0 = I`` (three matmuls a step, no inverse; the first step needs one, and the last skips the
+    product that is not wanted). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
+    Returns ``(Y or Z as wanted, iterations)``, not yet rescaled.
     """
     Y = X / scale[:, None, None]
     Z = _eye_like(X)
@@ -248,11 +254,12 @@ def _ndb_stage(
         if tol is not None:
             active = active & (_max_abs_deviation_from_identity(ZY) >= tol)
         E = _shifted_identity(ZY, -0.5, 1.5)
-        new_Y = bmm(Y, E, precision)
-        new_Z = E if k == 0 else bmm(E, Z, precision)
+        last = k == steps - 1
+        new_Y = Y if last and want == "Z" else bmm(Y, E, precision)
+        new_Z = Z if last and want == "Y" else E if k == 0 else bmm(E, Z, precision)
         Y, Z = _masked_update(active, tol, (new_Y, Y), (new_Z, Z))
         iterations += active
-    return Y, Z, iterations
+    return (Y if want == "Y" else Z), iterations
 
 
 def ndb_inverse_root(
@@ -286,11 +293,11 @@ def ndb_inverse_root(
     )
     total = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
     for _ in range(max(int(math.log2(p)), 1) - 1):
-        Y, _, iterations = _ndb_stage(X, scale, steps, tol, precision)
+        Y, iterations = _ndb_stage(X, scale, steps, tol, precision, "Y")
         X = _symmetrize(Y * scale.sqrt()[:, None, None])
         scale = scale.sqrt()
         total += iterations
-    _, Z, iterations = _ndb_stage(X, scale, steps, tol, precision)
+    Z, iterations = _ndb_stage(X, scale, steps, tol, precision, "Z")
     total += iterations
     root = Z / scale.sqrt()[:, None, None]
     if p == 1:

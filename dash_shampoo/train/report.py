@@ -18,23 +18,8 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..bench.common import device_name
 from .model import ModelConfig
-
-
-def device_name(device: torch.device) -> str:
-    """A readable name of ``device``: the GPU's name, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} torch threads)"
 
 
 def metadata(
