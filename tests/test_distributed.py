@@ -84,7 +84,8 @@ def test_ranks_agree_and_match_single_process(ranks, request):
         assert stats["bytes_per_step"] == result["bytes"] > 0
         # Opting out and copies: a copy keeps the kind of group (default or none).
         assert result["local_stats"]["world_size"] == 1
-        assert torch.equal(result["local_params"], expected)
+        # Same work as the parent process, but its thread count may differ (bitwise not promised).
+        assert_close_to_single(result["local_params"], expected)
         assert result["copy_kinds"] == [len(results), 1]
 
 
