@@ -560,7 +560,7 @@ class DASH(Optimizer):
 ROOT_BOUND_SLACK = 100.0
 
 # On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
-# elements (1 MiB of fp32), which stay in the core's cache between the passes.
+# elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
@@ -568,7 +568,7 @@ def _chunk_rows(stacked: torch.Tensor) -> int:
     """Rows of an (S, m, n) stack per chunk: all of them on an accelerator, a cache-sized chunk on CPU."""
     if stacked.device.type != "cpu":
         return stacked.shape[0]
-    return max(1, CPU_CHUNK_ELEMENTS // (stacked.shape[1] * stacked.shape[2]))
+    return max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (stacked.shape[1] * stacked.shape[2]))
 
 
 def _roots(location: tuple[Bank, int] | None, rows: int) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ def _spd_stack(count: int, n: int) -> torch.Tensor:
 def test_chunked_roots_match_one_call(method, monkeypatch):
     A = _spd_stack(7, 12)
     whole = inverse_root(A, 4, method)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks scale with the thread count
     monkeypatch.setattr(roots, "CPU_CHUNK_ELEMENTS", 2 * 12 * 12)  # chunks of 2, 2, 2, 1 matrices
     assert roots._chunk_size(A) == 2
     out = torch.full_like(A, float("nan"))
@@ -46,6 +47,7 @@ def _model() -> torch.nn.Module:
 
 def _train(chunk_elements: int | None, monkeypatch) -> torch.Tensor:
     if chunk_elements is not None:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks scale with the thread count
         monkeypatch.setattr(optimizer_module, "CPU_CHUNK_ELEMENTS", chunk_elements)
     model = _model()
     optimizer = DASH(
