@@ -21,6 +21,8 @@ module and the member gather/scatter would change.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,9 +129,7 @@ def check_same_everywhere(group: Any, fingerprint: list) -> None:
     """Raise ``ValueError`` unless every rank has the same parameter shapes and layout options."""
     if group is None:
         return
-    _, size = world(group)
-    gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, fingerprint, group=group)
+    gathered = all_gather_object(group, fingerprint)
     for rank, other in enumerate(gathered):
         if other != fingerprint:
             for mine, theirs in zip(fingerprint, other):
@@ -166,11 +166,45 @@ def all_gather_updates(group: Any, send: torch.Tensor) -> torch.Tensor:
 
 def gather_state(group: Any, local: dict[int, dict[str, Any]]) -> list[dict[int, dict[str, Any]]]:
     """Every rank's per-parameter state (tensors moved to the CPU), in rank order."""
-    _, size = world(group)
     cpu = {
         index: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
         for index, entry in local.items()
     }
-    gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, cpu, group=group)
-    return gathered
+    return all_gather_object(group, cpu)
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where the tensors of a collective on ``group`` must live (the GPU for NCCL)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_object(group: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order: tensors, containers and plain values.
+
+    Like ``dist.all_gather_object``, which needs numpy to decode what it receives; this one does
+    not: each object is serialised with ``torch.save``, the byte counts are all-gathered, then the
+    bytes padded to the longest, and each rank's part is read back with ``torch.load``
+    (``weights_only=True``: only tensors and plain values).
+    """
+    _, size = world(group)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    device = _collective_device(group)
+    count = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count, group=group)
+    lengths = [int(c) for c in counts]
+    send = torch.zeros(max(lengths), dtype=torch.uint8)
+    send[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    send = send.to(device)
+    received = [torch.empty_like(send) for _ in range(size)]
+    dist.all_gather(received, send, group=group)
+    objects = []
+    for part, length in zip(received, lengths):
+        part = part.cpu().contiguous()
+        data = ctypes.string_at(part.data_ptr(), length)
+        objects.append(torch.load(io.BytesIO(data), weights_only=True))
+    return objects
