@@ -148,9 +148,7 @@ def all_finite(group: Any, local: torch.Tensor) -> bool:
     """True when ``local`` (a 0-d bool tensor) is true on every rank (one host synchronisation)."""
     if group is None:
         return bool(local)
-    flag = local.to(torch.int32).reshape(1)
-    if dist.get_backend(group) == "nccl":
-        flag = flag.cuda()
+    flag = local.to(device=_collective_device(group), dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import DASH
+from ..bench.common import command_text
 from ..linalg import METHODS, PRECISIONS, SCALINGS
 from . import data as data_module
 from .model import SIZES, Llama, ModelConfig, model_config
@@ -624,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
     from . import report
 
     meta = report.metadata(
-        command=command_line(args),
+        command=command_text(args, shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         runtime_device=runtime.device,
         world_size=runtime.world_size,
         data_source=data.source,
@@ -639,12 +640,6 @@ def run(args: argparse.Namespace) -> int:
         for path in report.write(args.out, stem, results, meta):
             print(f"wrote {path}", file=sys.stderr)
     return 0 if not any(r["diverged"] for r in results) else 1
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command as typed (``args.command_line`` when the caller recorded it, else ``sys.argv``)."""
-    words = getattr(args, "command_line", None) or [Path(sys.argv[0]).name, *sys.argv[1:]]
-    return shlex.join(words)
 
 
 def main(argv: list[str] | None = None) -> int:
