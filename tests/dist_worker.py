@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dash_shampoo import DASH
+from dash_shampoo.bench.dist import exit_without_finalizing
 
 OPTIONS = dict(
     lr=1e-2,
@@ -154,3 +155,4 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()

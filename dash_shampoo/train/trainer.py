@@ -291,6 +291,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -309,13 +310,14 @@ def setup_runtime() -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(torch.device("cuda" if cuda else "cpu"))
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    return Runtime(device, dist.get_rank(), dist.get_world_size())
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), owns_group)
 
 
 class Progress:
@@ -618,7 +620,11 @@ def run(args: argparse.Namespace) -> int:
             f"device {runtime.device} x{runtime.world_size}; data: {data.source}",
             file=sys.stderr,
         )
-    results = [train_one(name, rates[name], args, config, data, runtime) for name in names]
+    try:
+        results = [train_one(name, rates[name], args, config, data, runtime) for name in names]
+    finally:
+        if runtime.owns_group:
+            dist.destroy_process_group()
     if not runtime.main:
         return 0
 
