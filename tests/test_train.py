@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import array
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +204,25 @@ def test_resume_refuses_a_different_run(tmp_path: Path, cache_dir: Path) -> None
         trainer.main(
             [*small_args(cache_dir, "--optimizer", "dash", "--steps", "2"), "--resume", str(checkpoint)]
         )
+
+
+def test_two_ranks_under_torchrun_then_resume_at_one(tmp_path: Path, cache_dir: Path) -> None:
+    """torchrun with 2 gloo ranks (DDP, DASH sharing its roots) stops cleanly at step 2; its
+    checkpoint (optimizer state gathered from both ranks) finishes the run in one process."""
+    checkpoint = tmp_path / "half.pt"
+    common = small_args(
+        cache_dir, "--optimizer", "dash", "--block-size", "16", "--precondition-frequency", "2"
+    )
+    common += ["--steps", "4", "--eval-every", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "dash_shampoo.train", *common, "--checkpoint", str(checkpoint), "--stop-after", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "device cpu x2" in done.stderr
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 2 and len(saved["train_losses"]) == 2
+    assert trainer.main([*common, "--resume", str(checkpoint), "--out", str(tmp_path / "one")]) == 0
+    result = json.loads((tmp_path / "one" / "train-cpu.json").read_text())["results"][0]
+    assert result["steps"] == 4 and [e["step"] for e in result["evals"]] == [0, 2, 4]
+    assert result["final_val_loss"] < result["evals"][0]["val_loss"] and result["root_failures"] == 0
