@@ -12,12 +12,8 @@ the same DASH:
   blocks and the updates are all-gathered in float32;
 - ``shared-bf16``: the same with ``communication="bf16"`` (skipped at one process, where nothing is
   exchanged);
-- ``replicated``: every rank does all the work, as without distribution. With the default group
-  initialised, ``DASH(process_group=None)`` resolves to the default group, so this configuration
-  passes a one-rank group instead: every rank calls ``dist.new_group([r])`` for every ``r`` in the
-  same order (``new_group`` is collective over the default group) and keeps its own. On gloo (torch
-  2.13) this works; a rank gets ``GroupMember.NON_GROUP_MEMBER`` (an ``int``, which DASH rejects with
-  a ``TypeError``) for the groups it is not in. ``dist.new_subgroups(group_size=1)`` gives the same.
+- ``replicated``: every rank does all the work, as without distribution
+  (``process_group=False``).
 
 The configurations are interleaved step by step (step ``t`` of each configuration, then step
 ``t + 1``), so that drifting load on a shared machine affects all of them alike. Before every step
@@ -215,7 +211,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _build(
-    spec: dict[str, Any], config: str, frequency: int, device: torch.device, solo: Any
+    spec: dict[str, Any], config: str, frequency: int, device: torch.device
 ) -> tuple[DASH, list[torch.Tensor]]:
     """Fresh parameters (identical on every rank) and the configuration's DASH."""
     params = make_parameters(MODELS[spec["model"]], device, seed=spec["seed"])
@@ -226,18 +222,18 @@ def _build(
         block_size=spec["block_size"],
         precondition_frequency=frequency,
         root_method=spec["root_method"],
-        process_group=None if distribution == "shared" else solo,
+        process_group=None if distribution == "shared" else False,
         communication=communication,
     )
     return optimizer, params
 
 
 def _run_frequency(
-    rank: int, world: int, frequency: int, spec: dict[str, Any], device: torch.device, solo: Any
+    rank: int, world: int, frequency: int, spec: dict[str, Any], device: torch.device
 ) -> list[dict[str, Any]]:
     """Time every configuration at one refresh period; one record per configuration."""
     configs = [c for c in spec["configs"] if not (world == 1 and c == "shared-bf16")]
-    built = {config: _build(spec, config, frequency, device, solo) for config in configs}
+    built = {config: _build(spec, config, frequency, device) for config in configs}
     samples: dict[str, list[tuple[int, float]]] = {config: [] for config in configs}
     t = 0
     while True:
@@ -296,7 +292,7 @@ def _run_frequency(
 
 
 def _run_rank(rank: int, world: int, init_file: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Join the group, make the one-rank groups, time every refresh period."""
+    """Join the group, time every refresh period."""
     if spec["backend"] == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -312,15 +308,9 @@ def _run_rank(rank: int, world: int, init_file: str, spec: dict[str, Any]) -> di
         device_id=device if device.type == "cuda" else None,
     )
     try:
-        # new_group is collective: every rank creates every one-rank group, in the same order.
-        solo = None
-        for r in range(world):
-            group = dist.new_group([r])
-            if r == rank:
-                solo = group
         records = []
         for frequency in spec["frequencies"]:
-            records.extend(_run_frequency(rank, world, frequency, spec, device, solo))
+            records.extend(_run_frequency(rank, world, frequency, spec, device))
             dist.barrier()
         return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "records": records}
     finally:
@@ -555,10 +545,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"block_size {report['block_size']}, root_method `{report['root_method']}`, lr {report['lr']}, "
         f"other DASH options at their defaults; seed {report['seed']}\n"
         f"{method_note}"
-        "- `replicated` uses a one-rank process group per rank: every rank calls "
-        "`dist.new_group([r])` for every r in the same order and passes its own group as "
-        "`process_group` (works on gloo; for the groups it is not in, a rank gets an `int`, "
-        "`GroupMember.NON_GROUP_MEMBER`)\n"
+        "- `replicated`: `DASH(process_group=False)` on every rank (each computes every block)\n"
         f"- {report['warmup']} untimed warm-up step(s), then {report['repeats']} timed steps (F = 1), "
         f"or for F > 1 timed steps until at least {report['repeats']} other and "
         f"{report['refresh_repeats']} refresh steps are in (the n of each column), each step after a "
@@ -573,8 +560,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{rank_table(report['rows'])}\n"
         "How to read it. *per step* is the median step time, or for F > 1 the amortised "
         "`(refresh + (F−1)·other)/F` of the refresh-step and other-step medians. *× replicated* "
-        "divides the `replicated` per-step time (every rank does all the work, a one-rank process "
-        "group per rank) of the same world size (and rank) by this row's; *× W=1* divides the "
+        "divides the `replicated` per-step time (every rank does all the work, "
+        "`process_group=False`) of the same world size (and rank) by this row's; *× W=1* divides the "
         "one-process time. *owned blocks*, *imbalance* (max/mean of DASH's cost estimate over ranks) "
         "and *bytes / step* (the all-gather's output on each rank: its own share and padding to the "
         "largest rank's share included) come from `DASH.distribution_stats()`; *(× model)* divides the "
