@@ -16,7 +16,7 @@ from ._checks import check_choice, check_number
 from .blocking import BlockPlan
 from .linalg import inverse_root
 from .linalg.precision import PRECISIONS
-from .linalg.roots import EIGEN_FIXES, METHODS
+from .linalg.roots import EIGEN_FIXES, METHODS, matrices_per_chunk
 from .linalg.scaling import SCALINGS
 from .preconditioner import (
     GRAFTINGS,
@@ -503,7 +503,7 @@ class DASH(Optimizer):
     def _direction(self, stack: Stack) -> torch.Tensor:
         """The step's update blocks ``lr · P`` of a stack (momentum and grafting applied).
 
-        On the CPU a large stack is computed in chunks of rows (:func:`_chunk_rows`), so the ten or
+        On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so the ten or
         so elementwise passes over each chunk run in cache; the result is the same.
         """
         group = self.param_groups[stack.group]
@@ -515,7 +515,7 @@ class DASH(Optimizer):
             "bias2": self._row_values(stack, lambda t: 1 - beta2**t) if correct else 1.0,
             "started": self._row_values(stack, lambda t: t >= start),
         }
-        size = _chunk_rows(stack.grad)
+        size = matrices_per_chunk(stack.grad, CPU_CHUNK_ELEMENTS)
         if size >= stack.rows:
             return self._direction_rows(stack, group, slice(None), per_row)
         out = torch.empty_like(stack.grad)
@@ -562,13 +562,6 @@ ROOT_BOUND_SLACK = 100.0
 # On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
 # elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
 CPU_CHUNK_ELEMENTS = 1 << 18
-
-
-def _chunk_rows(stacked: torch.Tensor) -> int:
-    """Rows of an (S, m, n) stack per chunk: all of them on an accelerator, a cache-sized chunk on CPU."""
-    if stacked.device.type != "cpu":
-        return stacked.shape[0]
-    return max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (stacked.shape[1] * stacked.shape[2]))
 
 
 def _roots(location: tuple[Bank, int] | None, rows: int) -> torch.Tensor | None:

@@ -27,7 +27,7 @@ def test_chunked_roots_match_one_call(method, monkeypatch):
     whole = inverse_root(A, 4, method)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # chunks scale with the thread count
     monkeypatch.setattr(roots, "CPU_CHUNK_ELEMENTS", 2 * 12 * 12)  # chunks of 2, 2, 2, 1 matrices
-    assert roots._chunk_size(A) == 2
+    assert roots.matrices_per_chunk(A, roots.CPU_CHUNK_ELEMENTS) == 2
     out = torch.full_like(A, float("nan"))
     chunked = inverse_root(A, 4, method, out=out)
     assert chunked is out
@@ -77,6 +77,6 @@ def test_chunked_direction_matches_whole_stack(monkeypatch):
     # 64 elements: one 8 x 8 block per chunk, so every stack (rows at different steps, some before
     # the start step, with momentum) is split into single rows.
     chunked = _train(64, monkeypatch)
-    assert optimizer_module._chunk_rows(torch.zeros(5, 8, 8)) == 1
+    assert roots.matrices_per_chunk(torch.zeros(5, 8, 8), optimizer_module.CPU_CHUNK_ELEMENTS) == 1
     # The same formulas per block on the same inputs: only bmm batch-dependent rounding differs.
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -485,7 +485,7 @@ def inverse_root(
         return solver(chunk, p, steps=steps, tol=tol, **iterative)[0]
 
     result = torch.empty_like(A) if out is None else out
-    size = _chunk_size(A)
+    size = matrices_per_chunk(A, CPU_CHUNK_ELEMENTS)
     for start in range(0, A.shape[0], size):
         result[start : start + size] = solve(A[start : start + size])
     return result
@@ -498,8 +498,9 @@ def inverse_root(
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 
-def _chunk_size(A: torch.Tensor) -> int:
-    """Matrices per solver call: the whole stack on an accelerator, a cache-sized chunk on the CPU."""
-    if A.device.type != "cpu":
-        return max(A.shape[0], 1)
-    return max(1, CPU_CHUNK_ELEMENTS * torch.get_num_threads() // (A.shape[-1] * A.shape[-1]))
+def matrices_per_chunk(stacked: torch.Tensor, elements: int) -> int:
+    """Matrices of an ``(N, m, n)`` stack per chunk: all ``N`` on an accelerator; on the CPU as many
+    as fit in ``elements`` per torch thread (at least one)."""
+    if stacked.device.type != "cpu":
+        return max(stacked.shape[0], 1)
+    return max(1, elements * torch.get_num_threads() // (stacked.shape[-2] * stacked.shape[-1]))
