@@ -16,7 +16,7 @@ from ._checks import check_choice, check_number
 from .blocking import BlockPlan
 from .linalg import inverse_root
 from .linalg.precision import PRECISIONS
-from .linalg.roots import EIGEN_FIXES, METHODS, matrices_per_chunk
+from .linalg.roots import EIGEN_FIXES, METHODS, matrices_per_chunk, root_matmuls
 from .linalg.scaling import SCALINGS
 from .preconditioner import (
     GRAFTINGS,
@@ -702,8 +702,9 @@ class _Plan:
             group = optimizer.param_groups[g_index]
             region = blocking.regions[r_index]
             sides = [size for _, size in blocking.sides(region)]
+            root = _matrix_root(group, len(sides))
             cost = distributed.block_cost(
-                region.block, sides, group["precondition_frequency"], _solver_matmuls(group)
+                region.block, sides, group["precondition_frequency"], _solver_matmuls(group, root)
             )
             costs.extend([cost] * region.count)
         plan.ownership = distributed.Ownership(distributed.split_costs(costs, world_size), costs)
@@ -745,8 +746,8 @@ class _Plan:
             first_member = stack.members[0]
             region = first_member.plan.regions[first_member.region]
             sides = first_member.plan.sides(region)
+            root = _matrix_root(group, len(sides))
             for side, size in sides:
-                root = group["matrix_root"] or (4 if len(sides) == 2 else 2)
                 bank_key = ((stack.scope, side) if optimizer.stacking == "none" else stack.scope, size, root)
                 bank = banks.get(bank_key)
                 if bank is None:
@@ -875,16 +876,16 @@ def _keep_owned_rows(state: dict, region: int, count: int, first: int, owned: in
             state[key] = tensor[first : first + owned].clone()
 
 
-def _solver_matmuls(group: dict[str, Any]) -> int:
-    """Rough number of n×n matmuls of one root refresh (eigh counted as about 20)."""
-    method = group["root_method"]
-    if method == "ndb":
-        return 6 * group["root_steps"]
-    if method == "newton":
-        return 4 * group["root_steps"]
-    if method == "chebyshev":
-        return group["chebyshev_degree"]
-    return 20
+def _matrix_root(group: dict[str, Any], sides: int) -> int:
+    """``p`` of a block's factors: the group's ``matrix_root``, else 4 with two sides and 2 with one."""
+    return group["matrix_root"] or (4 if sides == 2 else 2)
+
+
+def _solver_matmuls(group: dict[str, Any], p: int) -> int:
+    """The n×n matmuls of one root refresh (:func:`root_matmuls`); eigh, which is not made of
+    matmuls, is counted as a rough 20."""
+    count = root_matmuls(group["root_method"], p, steps=group["root_steps"], degree=group["chebyshev_degree"])
+    return 20 if count is None else count
 
 
 class _Exchange:

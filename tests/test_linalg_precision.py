@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from dash_shampoo.linalg import PRECISIONS, bmm, inverse_root, round_to
+from dash_shampoo.linalg import PRECISIONS, bmm, inverse_root, root_matmuls, round_to
 from dash_shampoo.linalg.precision import round_tf32
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -263,6 +263,22 @@ def _record_precisions(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(roots, "bmm", spy)
     return calls
+
+
+@pytest.mark.parametrize(
+    ("method", "p", "steps"),
+    [
+        ("ndb", 1, 5), ("ndb", 2, 5), ("ndb", 4, 10), ("ndb", 8, 3), ("ndb", 4, 1),
+        ("newton", 1, 3), ("newton", 3, 4), ("newton", 4, 10), ("newton", 6, 2),
+        ("chebyshev", 4, 0),
+    ],
+)  # fmt: skip
+def test_root_matmuls_counts_the_solver_calls(monkeypatch, method, p, steps):
+    """The count the benchmark's FLOP rate and the ranks' cost balance use is the solvers' own."""
+    calls = _record_precisions(monkeypatch)
+    inverse_root(_well_conditioned(), p, method, steps=max(steps, 1), degree=13)
+    assert len(calls) == root_matmuls(method, p, steps=max(steps, 1), degree=13)
+    assert root_matmuls("eigh", 4) is None
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])

@@ -48,7 +48,7 @@ import torch
 
 from .. import optimizer as dash_optimizer_module
 from ..blocking import BlockPlan
-from ..linalg import bmm
+from ..linalg import bmm, root_matmuls
 from ..optimizer import DASH
 from . import peers as peers_module
 from .common import command_text, device_name, device_slug, ms, spread
@@ -284,11 +284,6 @@ CPU_GRID: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _power_matmuls(p: int) -> int:
-    """Matmuls of ``N^p`` by repeated squaring (squarings plus extra multiplies)."""
-    return int(math.log2(p)) + bin(p).count("1") - 1
-
-
 def root_flops(
     method: str,
     n: int,
@@ -302,29 +297,16 @@ def root_flops(
 ) -> tuple[float, float, str]:
     """Flops of one ``n × n`` inverse root: ``(total, matmul part, label)``.
 
-    A matmul of two ``n × n`` matrices is ``2n³``. ``ndb`` (``p = 2^k``): ``k`` stages (one for
-    ``p ≤ 2``) of ``3(steps − 1)`` matmuls (root 4, 10 steps: 54; the first step needs one, the
-    last two), one more for ``p = 1``.
-    ``newton``: per step ``X·N``, ``N^p`` by squaring (2 for ``p = 4``) and ``N^p·M``.
-    ``chebyshev``: ``degree`` matmuls (Clenshaw). Power-iteration scaling adds
-    ``2n²·v·(scaling_steps + 1)``. ``eigh`` is counted as a nominal ``9n³`` plus ``2n³`` for
-    ``Q diag Qᵀ`` (labelled "nominal": eigh is not a matmul and its real count depends on the kernel).
+    A matmul of two ``n × n`` matrices is ``2n³``, times :func:`~dash_shampoo.linalg.root_matmuls`.
+    Power-iteration scaling adds ``2n²·v·(scaling_steps + 1)``. ``eigh`` is counted as a nominal
+    ``9n³`` plus ``2n³`` for ``Q diag Qᵀ`` (labelled "nominal": eigh is not a matmul and its real
+    count depends on the kernel).
     """
     matmul = 2.0 * n**3
-    if method == "ndb":
-        stages = max(int(math.log2(p)), 1) if p >= 2 else 1
-        # One step: one matmul in a square-root stage, none in the inverse-square-root stage.
-        count = stages * 3 * (steps - 1) if steps > 1 else stages - 1
-        count += 1 if p == 1 else 0
-        label = f"ndb {count} matmuls"
-    elif method == "newton":
-        count = steps * (2 + _power_matmuls(int(p)))
-        label = f"newton {count} matmuls"
-    elif method == "chebyshev":
-        count = degree
-        label = f"chebyshev {count} matmuls"
-    else:
+    count = root_matmuls(method, int(p), steps=steps, degree=degree)
+    if count is None:
         return 9.0 * n**3 + matmul, matmul, "eigh nominal 9n³+2n³"
+    label = f"{method} {count} matmuls"
     flops = count * matmul
     if method in ("ndb", "newton") and scaling in (None, "power", "power_multi"):
         vectors = 1 if scaling == "power" else num_vectors

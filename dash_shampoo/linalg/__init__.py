@@ -10,6 +10,7 @@ from .roots import (
     inverse_root,
     ndb_inverse_root,
     newton_inverse_root,
+    root_matmuls,
 )
 from .scaling import SCALINGS, power_iteration, spectral_scale
 
@@ -26,6 +27,7 @@ __all__ = [
     "ndb_inverse_root",
     "newton_inverse_root",
     "power_iteration",
+    "root_matmuls",
     "round_to",
     "spectral_scale",
 ]

@@ -498,6 +498,27 @@ def inverse_root(
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 
+def root_matmuls(method: str, p: int, *, steps: int = 10, degree: int = 40) -> int | None:
+    """The ``n × n`` matmuls of one inverse ``p``-th root by ``method`` (``None`` for ``"eigh"``,
+    which is not made of matmuls); spectral scaling's matrix-vector products not included.
+
+    ``ndb`` (``p = 2^k``): ``k`` stages (one for ``p ≤ 2``) of ``3(steps − 1)`` (the first step
+    needs one, the last two), plus one for ``p = 1``: ``p = 4``, 10 steps: 54. ``newton``: per step
+    ``X·N``, ``N^p`` by repeated squaring (``⌊log₂ p⌋ + popcount(p) − 1``) and ``N^p·M``: ``p = 4``:
+    4. ``chebyshev``: ``degree`` (Clenshaw).
+    """
+    check_choice("method", method, METHODS)
+    if method == "ndb":
+        stages = max(int(math.log2(p)), 1)
+        count = stages * 3 * (steps - 1) if steps > 1 else stages - 1
+        return count + (1 if p == 1 else 0)
+    if method == "newton":
+        return steps * (2 + int(math.log2(p)) + bin(p).count("1") - 1)
+    if method == "chebyshev":
+        return degree
+    return None
+
+
 def matrices_per_chunk(stacked: torch.Tensor, elements: int) -> int:
     """Matrices of an ``(N, m, n)`` stack per chunk: all ``N`` on an accelerator; on the CPU as many
     as fit in ``elements`` per torch thread (at least one)."""
