@@ -10,6 +10,7 @@ block differently depending on the batch it sits in (measured: at most 1.2e-7 af
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -157,3 +158,36 @@ def test_process_group_without_initialisation_raises():
         ValueError, match=r"process_group was given but torch\.distributed is not initialised"
     ):
         DASH([param], process_group=object())
+
+
+NO_NUMPY_SCRIPT = """
+import os, sys, tempfile
+sys.modules["numpy"] = None  # as in a torch-only install: importing numpy fails
+import torch, torch.distributed as dist
+from dash_shampoo import DASH
+init = os.path.join(tempfile.mkdtemp(), "init")
+dist.init_process_group("gloo", init_method="file://" + init, rank=0, world_size=1)
+try:
+    dist.all_gather_object([None], 1)
+    print("torch gathers objects without numpy")
+except RuntimeError as error:
+    print("torch needs numpy:", error)
+param = torch.nn.Parameter(torch.ones(4, 3))
+optimizer = DASH([param], lr=0.1, block_size=8, root_method="eigh")
+param.grad = torch.full_like(param, 0.5)
+optimizer.step()  # the plan checks every rank's parameters with an object gather
+state = optimizer.state_dict()  # and gathers every rank's state
+print("keys", sorted(state["state"][0]))
+dist.destroy_process_group()
+"""
+
+
+def test_object_gathers_work_without_numpy(tmp_path):
+    """``dist.all_gather_object`` decodes with numpy (torch 2.13), which a torch-only install lacks;
+    DASH's plan check and state gathering use their own pickle-based gather (CI failed on this once).
+    In a subprocess, as the dev install brings numpy into this one."""
+    done = subprocess.run(
+        [sys.executable, "-c", NO_NUMPY_SCRIPT], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "keys ['grad_ema.0', 'left.0', 'left_root.0'," in done.stdout, done.stdout
