@@ -503,8 +503,8 @@ class DASH(Optimizer):
     def _direction(self, stack: Stack) -> torch.Tensor:
         """The step's update blocks ``lr · P`` of a stack (momentum and grafting applied).
 
-        On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so the ten or
-        so elementwise passes over each chunk run in cache; the result is the same.
+        On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so
+        the ten or so elementwise passes over each chunk run in cache; the result is the same.
         """
         group = self.param_groups[stack.group]
         beta1, beta2 = group["betas"]
