@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -56,7 +55,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
-from .common import command_text, cpu_count, cpu_model, ms, spread
+from .common import command_text, cpu_count, cpu_model, device_slug, ms, spread
 from .shapes import MODELS, make_parameters
 
 #: The configurations: name -> (how the work is distributed, communication dtype).
@@ -653,8 +652,8 @@ def run(args: argparse.Namespace) -> int:
     print(rank_table(rows))
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") if device_type == "cuda" else "cpu"
-        stem = args.out / f"dist-{slug}"
+        first = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        stem = args.out / f"dist-{device_slug(first)}"
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(report))
         print(f"wrote {stem}.json, {stem}.md", file=sys.stderr)
