@@ -1,13 +1,16 @@
-"""Shared by the reports: the command line, milliseconds, medians with spread, the device's name."""
+"""Shared by the reports: the command line, milliseconds, medians with spread, the device's name,
+writing the result files."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +67,21 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def write_report(
+    stem: Path,
+    report: dict[str, Any],
+    text: str,
+    plot: Callable[[dict[str, Any], Path], bool] | None = None,
+    **json_options: Any,
+) -> list[Path]:
+    """Write ``stem.json`` (``report``, indented, with ``json_options``), ``stem.md`` (``text``) and,
+    given ``plot``, ``stem.png``; returns the paths written (the PNG only if ``plot`` made it)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    written[0].write_text(json.dumps(report, indent=1, **json_options) + "\n")
+    written[1].write_text(text)
+    if plot is not None and plot(report, stem.with_suffix(".png")):
+        written.append(stem.with_suffix(".png"))
+    return written

@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
-from .common import command_text, cpu_count, cpu_model, device_slug, ms, spread
+from .common import command_text, cpu_count, cpu_model, device_slug, ms, spread, write_report
 from .shapes import MODELS, make_parameters
 
 #: The configurations: name -> (how the work is distributed, communication dtype).
@@ -651,12 +651,9 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(summaries))
     print(rank_table(rows))
     if not args.no_save:
-        args.out.mkdir(parents=True, exist_ok=True)
         first = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        stem = args.out / f"dist-{device_slug(first)}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(report))
-        print(f"wrote {stem}.json, {stem}.md", file=sys.stderr)
+        written = write_report(args.out / f"dist-{device_slug(first)}", report, markdown(report))
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0 if all(s["ranks_equal"] for s in summaries) else 1
 
 

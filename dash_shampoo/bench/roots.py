@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -59,7 +58,7 @@ import torch
 
 from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root, ndb_inverse_root, newton_inverse_root
 from ..linalg.scaling import spectral_scale
-from .common import device_name, device_slug
+from .common import device_name, device_slug, write_report
 
 #: Scaling each iterative method uses by default in :func:`dash_shampoo.linalg.inverse_root`.
 DEFAULT_SCALING = {"newton": "power_multi", "ndb": "power_multi", "chebyshev": "bound"}
@@ -792,14 +791,8 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"roots-{device_slug(device)}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-        stem.with_suffix(".md").write_text(text)
-        written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-        if not args.no_plot and plot(report, stem.with_suffix(".png")):
-            written.append(stem.with_suffix(".png"))
+        stem = Path(args.out) / f"roots-{device_slug(device)}"
+        written = write_report(stem, report, text, None if args.no_plot else plot, allow_nan=False)
         print("wrote " + ", ".join(map(str, written)))
     return 0
 

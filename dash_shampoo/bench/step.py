@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import json
 import math
 import platform
 import statistics
@@ -51,7 +50,7 @@ from ..blocking import BlockPlan
 from ..linalg import bmm, root_matmuls
 from ..optimizer import DASH
 from . import peers as peers_module
-from .common import command_text, device_name, device_slug, ms, spread
+from .common import command_text, device_name, device_slug, ms, spread, write_report
 from .shapes import MODELS, ModelShapes, factor_counts, make_parameters
 
 STACKINGS = ("global", "layer", "none")
@@ -1011,13 +1010,9 @@ def run(args: argparse.Namespace) -> int:
     report["wall_seconds"] = time.perf_counter() - began
     print(table(rows))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"step-{device_slug(device)}"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-        stem.with_suffix(".md").write_text(markdown(report))
-        if not args.no_plot:
-            plot(report, stem.with_suffix(".png"))
-        progress(f"wrote {stem}.json, .md" + ("" if args.no_plot else ", .png"))
+        written = write_report(stem, report, markdown(report), None if args.no_plot else plot, default=str)
+        progress("wrote " + ", ".join(map(str, written)))
     return 0
 
 
