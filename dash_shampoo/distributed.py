@@ -184,8 +184,6 @@ def all_gather_object(group: Any, obj: Any) -> list[Any]:
     Like ``dist.all_gather_object``, which needs numpy to decode what it receives; this one does
     not: each object is pickled (as there; the bytes come from this job's own ranks), the byte
     counts are all-gathered, then the bytes padded to the longest, and each part is unpickled.
-    (With ``torch.save``/``torch.load`` instead of pickle, 3-rank gloo test runs aborted at process
-    exit in about one launch in eight; with pickle none did in 24.)
     """
     _, size = world(group)
     payload = pickle.dumps(obj)
