@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dash_shampoo.models import Llama, ModelConfig, model_config
 from dash_shampoo.train import data, trainer
-from dash_shampoo.train.model import Llama, ModelConfig, model_config
 
 # A 2-layer d=32 model on a small slice of the built-in corpus: a few steps take a second.
 SMALL = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "32", "--batch-size", "4"]

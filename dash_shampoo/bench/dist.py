@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
-from .common import command_text, cpu_count, cpu_model, device_slug, ms, spread, write_report
+from ..results import command_text, cpu_count, cpu_model, device_slug, ms, spread, write_report
 from .shapes import MODELS, make_parameters
 
 #: The configurations: name -> (how the work is distributed, communication dtype).

@@ -58,7 +58,7 @@ import torch
 
 from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root, ndb_inverse_root, newton_inverse_root
 from ..linalg.scaling import spectral_scale
-from .common import device_name, device_slug, write_report
+from ..results import device_name, device_slug, write_report
 
 #: Scaling each iterative method uses by default in :func:`dash_shampoo.linalg.inverse_root`.
 DEFAULT_SCALING = {"newton": "power_multi", "ndb": "power_multi", "chebyshev": "bound"}

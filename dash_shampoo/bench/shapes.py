@@ -1,7 +1,7 @@
 """Parameter sets shaped like real models, for the optimizer-step benchmark (``bench step``).
 
 Every set is a list of ``(name, shape)`` pairs; :func:`make_parameters` turns it into leaf tensors
-with random gradients. The Llama-style sets follow :mod:`dash_shampoo.train.model`: an untied
+with random gradients. The Llama-style sets follow :mod:`dash_shampoo.models`: an untied
 embedding and head ``(V, d)``, per layer ``wq, wk, wv, wo`` ``(d, d)``, SwiGLU ``w1, w3`` ``(h, d)``
 and ``w2`` ``(d, h)`` (``h = 8/3·d`` rounded up to ``multiple_of``), two RMSNorm vectors ``(d,)``
 per layer and a final one.

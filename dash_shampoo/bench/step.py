@@ -46,11 +46,11 @@ from typing import Any
 import torch
 
 from .. import optimizer as dash_optimizer_module
+from .. import peers as peers_module
 from ..blocking import BlockPlan
 from ..linalg import bmm, root_matmuls
 from ..optimizer import DASH
-from . import peers as peers_module
-from .common import command_text, device_name, device_slug, ms, spread, write_report
+from ..results import command_text, device_name, device_slug, ms, spread, write_report
 from .shapes import MODELS, ModelShapes, factor_counts, make_parameters
 
 STACKINGS = ("global", "layer", "none")

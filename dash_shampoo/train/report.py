@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..bench.common import device_name
-from .model import ModelConfig
+from ..models import ModelConfig
+from ..results import device_name
 
 
 def metadata(

@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import DASH
-from ..bench.common import command_text
 from ..linalg import METHODS, PRECISIONS, SCALINGS
+from ..models import SIZES, Llama, ModelConfig, model_config
+from ..results import command_text
 from . import data as data_module
-from .model import SIZES, Llama, ModelConfig, model_config
 
 OPTIMIZERS = ("adamw", "dash", "shampoo")
 #: Peak learning rates of the default run (a sweep on the tiny model; see the module docstring).

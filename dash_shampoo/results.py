@@ -1,5 +1,5 @@
-"""Shared by the reports: the command line, milliseconds, medians with spread, the device's name,
-writing the result files."""
+"""Result files of the benchmarks and the trainer: the command line, milliseconds, medians with
+spread, the device's name, writing the result files."""
 
 from __future__ import annotations
 
