@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import distributed
 from ._checks import check_choice, check_number
 from .blocking import BlockPlan
-from .linalg import inverse_root
+from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import PRECISIONS
 from .linalg.roots import EIGEN_FIXES, METHODS, matrices_per_chunk, root_matmuls
 from .linalg.scaling import SCALINGS
@@ -57,6 +60,26 @@ _LAYOUT_KEYS = (
     "grafting",
     "momentum",
 )
+
+
+@dataclass(frozen=True)
+class RootCall:
+    """One batched inverse-root call of a step, as a root hook sees it.
+
+    Attributes:
+        factors: the ``(K, n, n)`` stack of factors being inverted.
+        p: the root.
+        options: the solver options of the factors' parameter group.
+    """
+
+    factors: torch.Tensor
+    p: int
+    options: RootOptions
+
+
+#: ``hook(call, solve)``: must return ``solve()``, the roots of ``call.factors`` (it may time or
+#: inspect the call, or return a modified copy).
+RootHook = Callable[[RootCall, Callable[[], torch.Tensor]], torch.Tensor]
 
 
 class DASH(Optimizer):
@@ -203,6 +226,7 @@ class DASH(Optimizer):
         super().__init__(params, defaults)
         self._plan: _Plan | None = None
         self._failures: dict[torch.device, torch.Tensor] = {}
+        self._root_hooks: OrderedDict[int, RootHook] = OrderedDict()
         self.skipped_steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -229,6 +253,7 @@ class DASH(Optimizer):
             state[key] = getattr(self, key)
         # A ProcessGroup cannot be pickled or copied: record which kind of group this was.
         state.pop("_group", None)
+        state.pop("_root_hooks", None)
         state["_group_kind"] = _group_kind(self._group)
         return state
 
@@ -248,10 +273,21 @@ class DASH(Optimizer):
         self._group = distributed.resolve_group(False if kind == "none" else None)
         self.__dict__.setdefault("_plan", None)
         self.__dict__.setdefault("_failures", {})
+        self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("skipped_steps", 0)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def register_root_hook(self, hook: RootHook) -> RemovableHandle:
+        """Call ``hook(call, solve)`` around every batched inverse-root call (see :data:`RootHook`).
+
+        Hooks registered later wrap those registered earlier. Returns a handle whose ``remove()``
+        unregisters the hook.
+        """
+        handle = RemovableHandle(self._root_hooks)
+        self._root_hooks[handle.id] = hook
+        return handle
 
     @property
     def root_failures(self) -> int:
@@ -432,23 +468,11 @@ class DASH(Optimizer):
         generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
         factors = bank.factors if rows == "all" else bank.factors.index_select(0, rows)
         old = bank.roots if rows == "all" else bank.roots.index_select(0, rows)
-        new = inverse_root(
-            factors,
-            bank.root,
-            group["root_method"],
-            eps=group["root_eps"],
-            eigen_fix=group["eigen_fix"],
-            steps=group["root_steps"],
-            tol=group["root_tol"],
-            scaling=group["scaling"],
-            scaling_steps=group["scaling_steps"],
-            num_vectors=group["num_vectors"],
-            safety=group["safety"],
-            precision=group["precision"],
-            degree=group["chebyshev_degree"],
-            interval_lower=group["chebyshev_interval_lower"],
-            generator=generator,
-        )
+        call = RootCall(factors, bank.root, _root_options(group))
+        solve = functools.partial(solve_inverse_root, factors, bank.root, call.options, generator=generator)
+        for hook in self._root_hooks.values():
+            solve = functools.partial(hook, call, solve)
+        new = solve()
         # Exact roots obey |X_ij| <= ||X||_2 <= eps^(-1/p) (every eigenvalue of the ridged factor
         # is at least eps); a diverged iteration can be finite and 1e16 times beyond that. The slack
         # allows for fp32 iterations on singular factors, which overshoot by a few times (2.1x
@@ -879,6 +903,24 @@ def _keep_owned_rows(state: dict, region: int, count: int, first: int, owned: in
 def _matrix_root(group: dict[str, Any], sides: int) -> int:
     """``p`` of a block's factors: the group's ``matrix_root``, else 4 with two sides and 2 with one."""
     return group["matrix_root"] or (4 if sides == 2 else 2)
+
+
+def _root_options(group: dict[str, Any]) -> RootOptions:
+    """The inverse-root options of a parameter group."""
+    return RootOptions(
+        method=group["root_method"],
+        eps=group["root_eps"],
+        eigen_fix=group["eigen_fix"],
+        steps=group["root_steps"],
+        tol=group["root_tol"],
+        scaling=group["scaling"],
+        scaling_steps=group["scaling_steps"],
+        num_vectors=group["num_vectors"],
+        safety=group["safety"],
+        precision=group["precision"],
+        degree=group["chebyshev_degree"],
+        interval_lower=group["chebyshev_interval_lower"],
+    )
 
 
 def _solver_matmuls(group: dict[str, Any], p: int) -> int:

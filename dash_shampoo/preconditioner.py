@@ -72,3 +72,9 @@ def block_norms(x: torch.Tensor) -> torch.Tensor:
 def graft(U: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero)."""
     return U * (block_norms(direction) / block_norms(U).add_(1e-16))
+
+
+def refresh_due(step: int, start: int, frequency: int) -> bool:
+    """Whether the roots are refreshed at ``step`` (without staggering): at the start step, then at
+    every multiple of ``frequency`` after it."""
+    return step == start or (step > start and step % frequency == 0)

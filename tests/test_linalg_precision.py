@@ -261,7 +261,7 @@ def _record_precisions(monkeypatch) -> list[str]:
         calls.append(precision)
         return real(a, b, precision)
 
-    monkeypatch.setattr(roots, "bmm", spy)
+    monkeypatch.setattr(roots, "bmm", spy)  # the solvers' matmul
     return calls
 
 

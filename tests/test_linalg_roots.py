@@ -25,15 +25,13 @@ import re
 
 import pytest
 import torch
+from conftest import root_and_iterations
 
 from dash_shampoo.linalg import (
     EIGEN_FIXES,
     METHODS,
-    eigh_inverse_root,
     eigh_with_fallback,
     inverse_root,
-    ndb_inverse_root,
-    newton_inverse_root,
 )
 
 EPS32 = torch.finfo(torch.float32).eps  # 2^-23 ≈ 1.19e-7
@@ -193,7 +191,7 @@ def test_eigh_fp32_cond_1e8_needs_a_ridge(p):
 
 
 def test_eigh_shift_adds_eps_twice_to_psd_matrices():
-    # Documented in eigh_inverse_root: λ(A + eps·I) are shifted by eps again. The difference from
+    # Documented (eigen_fix 'shift'): λ(A + eps·I) are shifted by eps again. The difference from
     # (A + eps·I)^(-1/p) is large here (smallest eigenvalue 1e-2 against eps = 1e-2: ~15 %).
     A = log_stack(1e2, n=8)
     eps = 1e-2
@@ -358,7 +356,7 @@ def test_eigh_fallback_one_by_one_isolates_the_failing_matrix(monkeypatch):
     values, vectors, failed = eigh_with_fallback(A)
     assert failed.tolist() == [False, False, True, False]
     assert torch.equal(values[2], torch.ones(8)) and torch.equal(vectors[2], torch.eye(8))
-    X = eigh_inverse_root(A, 2)
+    X = inverse_root(A, 2, "eigh")
     assert torch.isnan(X[2]).all()
     keep = [0, 1, 3]
     assert rel_err(X[keep], reference[keep]) < rounding_bound(8, 1e2, 2)
@@ -791,9 +789,8 @@ def _easy_and_hard() -> torch.Tensor:
 def test_iteration_counts_are_per_matrix(solver, p):
     # Measured (tol 1e-4, at most 60): Newton [4, 18], [3, 15], [3, 13] and NDB [4, 15], [4, 15],
     # [7, 24] for p = 1, 2, 4 (NDB p = 4 counts both stages). Both roots converge.
-    function = newton_inverse_root if solver == "newton" else ndb_inverse_root
     A = _easy_and_hard()
-    X, iterations = function(A, p, steps=60, tol=1e-4)
+    X, iterations = root_and_iterations(A, p, solver, steps=60, tol=1e-4)
     assert iterations.dtype == torch.int64 and iterations.shape == (2,)
     easy, hard = iterations.tolist()
     assert 1 <= easy <= 8
@@ -808,8 +805,7 @@ def test_iteration_counts_are_per_matrix(solver, p):
 )
 def test_iteration_counts_without_tol_are_all_steps(solver, p, stages):
     # Without tol every matrix runs every step; NDB reports the sum over its log2(p) stages.
-    function = newton_inverse_root if solver == "newton" else ndb_inverse_root
-    _, iterations = function(_easy_and_hard(), p, steps=7)
+    _, iterations = root_and_iterations(_easy_and_hard(), p, solver, steps=7)
     assert iterations.tolist() == [7 * stages, 7 * stages]
 
 

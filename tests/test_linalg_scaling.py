@@ -13,14 +13,9 @@ import re
 
 import pytest
 import torch
+from conftest import root_and_iterations
 
-from dash_shampoo.linalg import (
-    SCALINGS,
-    ndb_inverse_root,
-    newton_inverse_root,
-    power_iteration,
-    spectral_scale,
-)
+from dash_shampoo.linalg import SCALINGS, inverse_root, power_iteration, spectral_scale
 
 N_DIM = 32
 SLACK = 1e-5
@@ -210,8 +205,8 @@ def test_power_iteration_uses_the_generator():
         lambda A: power_iteration(A, generator=seeded(4)),
         lambda A: spectral_scale(A, "power"),
         lambda A: spectral_scale(A, "power_multi", generator=seeded(4)),
-        lambda A: newton_inverse_root(A, 2),
-        lambda A: ndb_inverse_root(A, 2, scaling="power"),
+        lambda A: inverse_root(A, 2, "newton"),
+        lambda A: inverse_root(A, 2, "ndb", scaling="power"),
     ],
     ids=["default", "seeded", "scale_power", "scale_multi", "newton", "ndb"],
 )
@@ -257,12 +252,13 @@ def test_power_scaling_needs_fewer_iterations_than_fro_on_flat_spectrum(solver, 
     # A = 3·I (in a random basis): ||A||_F = sqrt(32)·λ_max puts the scaled spectrum at 1/5.7 of
     # where power iteration (exact here, times safety 2) puts it. Measured iterations to tol 1e-5:
     # Newton fro 6, 5, 4 vs power 5, 3, 3; NDB fro 6, 6, 11 vs power 4, 4, 8 (p = 1, 2, 4).
-    function = newton_inverse_root if solver == "newton" else ndb_inverse_root
     A = _flat()
     expected = 3.0 ** (-1.0 / p) * torch.eye(N_DIM, dtype=torch.float64)
     counts = {}
     for scaling in ("fro", "power", "power_multi"):
-        X, iterations = function(A, p, steps=60, tol=1e-5, scaling=scaling, generator=seeded())
+        X, iterations = root_and_iterations(
+            A, p, solver, steps=60, tol=1e-5, scaling=scaling, generator=seeded()
+        )
         counts[scaling] = iterations.item()
         assert (X.double() - expected).abs().max().item() < 1e-5  # all converge
     assert counts["power"] < counts["fro"]
@@ -273,7 +269,7 @@ def test_ndb_with_exact_scale_stops_at_once():
     # With s = λ_max exactly (bound scale of 3·I, safety irrelevant), B = A/s = I: NDB's first
     # check sees Z·Y = I and stops with 0 iterations and the exact root 3^(-1/2)·I.
     A = 3.0 * torch.eye(N_DIM).expand(2, N_DIM, N_DIM)
-    X, iterations = ndb_inverse_root(A, 2, steps=10, tol=1e-6, scaling="bound")
+    X, iterations = root_and_iterations(A, 2, "ndb", steps=10, tol=1e-6, scaling="bound")
     assert iterations.tolist() == [0, 0]
     torch.testing.assert_close(X, 3.0**-0.5 * torch.eye(N_DIM).expand(2, N_DIM, N_DIM), rtol=1e-7, atol=0)
 

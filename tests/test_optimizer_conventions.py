@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-import dash_shampoo.optimizer as optimizer_module
 from dash_shampoo import DASH
 
 STACKINGS = ("global", "layer", "none")
@@ -601,7 +600,7 @@ def test_huge_finite_gradients_are_not_skipped():
 # above the accepted 100 * 10 and fails.
 @pytest.mark.parametrize("bad", [float("nan"), 1e28])
 @pytest.mark.parametrize("stacking", STACKINGS)
-def test_root_failure_keeps_previous_root(monkeypatch, stacking, bad):
+def test_root_failure_keeps_previous_root(stacking, bad):
     w = torch.randn(8, 8, requires_grad=True)
     opt = DASH(
         [w],
@@ -612,18 +611,17 @@ def test_root_failure_keeps_previous_root(monkeypatch, stacking, bad):
         precondition_frequency=1,
         stacking=stacking,
     )
-    real = optimizer_module.inverse_root
     fail = {"on": False, "calls": 0}
 
-    def flaky(A, *args, **kwargs):
-        out = real(A, *args, **kwargs)
+    def flaky(call, solve):
+        out = solve()
         if fail["on"]:
             fail["calls"] += 1
             out = out.clone()
             out[0] = bad
         return out
 
-    monkeypatch.setattr(optimizer_module, "inverse_root", flaky)
+    opt.register_root_hook(flaky)
     g = torch.Generator().manual_seed(0)
     w.grad = torch.randn(8, 8, generator=g)
     opt.step()
@@ -646,10 +644,10 @@ def test_root_failure_keeps_previous_root(monkeypatch, stacking, bad):
     assert kept == calls  # exactly the failed roots were kept, the others refreshed
 
 
-def test_root_failure_before_first_success_keeps_identity(monkeypatch):
+def test_root_failure_before_first_success_keeps_identity():
     w = torch.randn(4, 4, requires_grad=True)
     opt = DASH([w], lr=0.1, block_size=4, root_method="eigh")
-    monkeypatch.setattr(optimizer_module, "inverse_root", lambda A, *a, **k: torch.full_like(A, float("nan")))
+    opt.register_root_hook(lambda call, solve: torch.full_like(call.factors, float("nan")))
     w.grad = torch.randn(4, 4)
     before = w.detach().clone()
     opt.step()
@@ -675,22 +673,21 @@ def test_root_failure_from_huge_gradient_ndb():
 # ----------------------------------------------------------------------------------------------
 
 
-def _count_refreshes(monkeypatch):
-    real = optimizer_module.inverse_root
+def _count_refreshes(opt: DASH) -> list[int]:
+    """Per step (append a 0 before each), the factors whose roots the step refreshed."""
     rows = []
 
-    def counting(A, *args, **kwargs):
-        rows[-1] += A.shape[0]
-        return real(A, *args, **kwargs)
+    def counting(call, solve):
+        rows[-1] += call.factors.shape[0]
+        return solve()
 
-    monkeypatch.setattr(optimizer_module, "inverse_root", counting)
+    opt.register_root_hook(counting)
     return rows
 
 
 @pytest.mark.parametrize("stacking", STACKINGS)
 @pytest.mark.parametrize(("start", "freq"), [(1, 1), (1, 3), (4, 3), (5, 5), (2, 4)])
-def test_refresh_schedule(monkeypatch, stacking, start, freq):
-    rows = _count_refreshes(monkeypatch)
+def test_refresh_schedule(stacking, start, freq):
     w = torch.randn(8, 12, requires_grad=True)  # 6 blocks of 4x4: 12 factors
     opt = DASH(
         [w],
@@ -700,6 +697,7 @@ def test_refresh_schedule(monkeypatch, stacking, start, freq):
         precondition_frequency=freq,
         stacking=stacking,
     )
+    rows = _count_refreshes(opt)
     for t in range(1, 13):
         rows.append(0)
         w.grad = torch.randn(8, 12)
@@ -710,8 +708,7 @@ def test_refresh_schedule(monkeypatch, stacking, start, freq):
 
 @pytest.mark.parametrize("stacking", STACKINGS)
 @pytest.mark.parametrize(("start", "freq"), [(1, 3), (3, 4), (1, 12)])
-def test_staggered_refresh_schedule(monkeypatch, stacking, start, freq):
-    rows = _count_refreshes(monkeypatch)
+def test_staggered_refresh_schedule(stacking, start, freq):
     w = torch.randn(8, 12, requires_grad=True)  # 12 factors
     v = torch.randn(10, requires_grad=True)  # chunks (4, 1) x2 and (2, 1): 3 left factors
     opt = DASH(
@@ -723,6 +720,7 @@ def test_staggered_refresh_schedule(monkeypatch, stacking, start, freq):
         stagger=True,
         stacking=stacking,
     )
+    rows = _count_refreshes(opt)
     for _ in range(start + 2 * freq):
         rows.append(0)
         w.grad, v.grad = torch.randn(8, 12), torch.randn(10)
@@ -815,3 +813,27 @@ def test_add_param_group_mid_run(stacking):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert int(opt_a.state[extra]["step"]) == 2
     assert not torch.equal(extra.detach(), extra_before)
+
+
+def test_root_hooks_wrap_in_order_see_the_options_and_can_be_removed():
+    w = torch.randn(8, 8, requires_grad=True)
+    opt = DASH([w], lr=0.1, block_size=4, root_method="newton", root_steps=3, precondition_frequency=1)
+    seen = []
+
+    def outer(call, solve):
+        seen.append(("outer", call.factors.shape, call.p, call.options.method, call.options.steps))
+        return solve()
+
+    def inner(call, solve):
+        seen.append(("inner",))
+        return solve()
+
+    first = opt.register_root_hook(inner)
+    second = opt.register_root_hook(outer)
+    w.grad = torch.randn(8, 8)
+    opt.step()
+    assert seen == [("outer", (8, 4, 4), 4, "newton", 3), ("inner",)]  # later hooks wrap earlier
+    first.remove()
+    second.remove()
+    opt.step()
+    assert len(seen) == 2

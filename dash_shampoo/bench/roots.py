@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root, ndb_inverse_root, newton_inverse_root
+from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root
 from ..linalg.scaling import spectral_scale
 from ..results import device_name, device_slug, write_report
 
@@ -384,20 +384,23 @@ def iteration_row(
     although no stage reached it).
     """
     device = problem.A.device
-    solver = newton_inverse_root if method == "newton" else ndb_inverse_root
 
     def solve(cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return solver(
+        iterations = torch.empty(problem.A.shape[0], dtype=torch.int64, device=device)
+        root = inverse_root(
             problem.A,
             p,
+            method,
             eps=problem.eps,
             steps=cap,
             tol=tol,
             scaling=scaling,
             precision=args.iter_precision,
             generator=_generator(device, args.seed),
+            iterations=iterations,
             **SCALE_OPTIONS,
         )
+        return root, iterations
 
     start = time.perf_counter()
     cap = min(args.first_cap, args.max_steps)

@@ -15,10 +15,10 @@ each). The per-step figure used for the ratios is the amortised
 Per row the report gives medians with min–max over the samples, the optimizer state in bytes per
 parameter (distinct tensors reachable from ``optimizer.state_dict()["state"]``), the ratio to the
 fastest AdamW row and to the fastest peer of the same model, block size and frequency, and for
-DASH the root refresh itself: ``dash_shampoo.optimizer.inverse_root`` is wrapped during the row to
-time every solver call and count its flops (:func:`root_flops`), and the achieved FLOP/s are set
-against the batched-matmul throughput of the device measured in the same process (``bmm`` of the
-solver's precision on ``(K, n, n)`` stacks, :func:`measure_bmm`).
+DASH the root refresh itself: a root hook (``DASH.register_root_hook``) times every solver call
+and counts its flops (:func:`root_flops`), and the achieved FLOP/s are set against the
+batched-matmul throughput of the device measured in the same process (``bmm`` of the solver's
+precision on ``(K, n, n)`` stacks, :func:`measure_bmm`).
 
 On a CPU the full grid takes hours (one NDB refresh of the 60M ``small`` model is ~3.5 TFLOP), so
 ``--plan cpu`` (the default there) runs a reduced grid and skips, with the estimate as the reason,
@@ -45,11 +45,10 @@ from typing import Any
 
 import torch
 
-from .. import optimizer as dash_optimizer_module
 from .. import peers as peers_module
 from ..blocking import BlockPlan
 from ..linalg import bmm, root_matmuls
-from ..optimizer import DASH
+from ..optimizer import DASH, RootCall
 from ..results import command_text, device_name, device_slug, ms, spread, write_report
 from .shapes import MODELS, ModelShapes, factor_counts, make_parameters
 
@@ -425,39 +424,40 @@ def estimate_dash(
 
 
 class SolverRecorder:
-    """Wraps ``dash_shampoo.optimizer.inverse_root`` to time each solver call and count its flops.
+    """A DASH root hook (:meth:`DASH.register_root_hook`) that times each solver call and counts
+    its flops.
 
     Calls are filed under :attr:`step` (set by the caller before each optimizer step). On CUDA each
     call is bracketed by ``torch.cuda.Event`` records (no synchronisation inside the step); on the
     CPU by ``time.perf_counter``.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, optimizer: DASH) -> None:
         self.device = device
         self.step = 0
         self.calls: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        self._original: Callable[..., torch.Tensor] | None = None
+        self.optimizer = optimizer
+        self._handle: Any = None
 
     def __enter__(self) -> SolverRecorder:
-        self._original = dash_optimizer_module.inverse_root
-        dash_optimizer_module.inverse_root = self._wrapped  # type: ignore[assignment]
+        self._handle = self.optimizer.register_root_hook(self._record)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        dash_optimizer_module.inverse_root = self._original  # type: ignore[assignment]
+        self._handle.remove()
 
-    def _wrapped(self, A: torch.Tensor, p: float, method: str = "eigh", **kwargs: Any) -> torch.Tensor:
-        assert self._original is not None
-        count, n = A.shape[0], A.shape[-1]
+    def _record(self, root_call: RootCall, solve: Callable[[], torch.Tensor]) -> torch.Tensor:
+        options = root_call.options
+        count, n = root_call.factors.shape[0], root_call.factors.shape[-1]
         flops, matmul_flops, label = root_flops(
-            method,
+            options.method,
             n,
-            p,
-            steps=kwargs.get("steps", 10),
-            scaling=kwargs.get("scaling"),
-            scaling_steps=kwargs.get("scaling_steps", 10),
-            num_vectors=kwargs.get("num_vectors", 16),
-            degree=kwargs.get("degree", 40),
+            root_call.p,
+            steps=options.steps,
+            scaling=options.scaling,
+            scaling_steps=options.scaling_steps,
+            num_vectors=options.num_vectors,
+            degree=options.degree,
         )
         call: dict[str, Any] = {
             "n": n,
@@ -465,17 +465,17 @@ class SolverRecorder:
             "flops": flops * count,
             "matmul_flops": matmul_flops * count,
             "label": label,
-            "precision": kwargs.get("precision", "fp32"),
+            "precision": options.precision,
         }
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self._original(A, p, method, **kwargs)
+            out = solve()
             end.record()
             call["events"] = (start, end)
         else:
             begin = time.perf_counter()
-            out = self._original(A, p, method, **kwargs)
+            out = solve()
             call["seconds"] = time.perf_counter() - begin
         self.calls[self.step].append(call)
         return out
@@ -550,7 +550,7 @@ def time_row(
     """Build the optimizer of ``spec``, warm it up, time its steps; the row's measurements."""
     optimizer = _build(spec, params)
     frequency = spec.frequency
-    recorder = SolverRecorder(device) if spec.kind == "dash" else contextlib.nullcontext()
+    recorder = SolverRecorder(device, optimizer) if spec.kind == "dash" else contextlib.nullcontext()
     samples: dict[str, list[float]] = {"refresh": [], "other": []}
     events: list[tuple[int, Any, Any]] = []
     wanted_other = args.repeats if frequency > 1 else 0

@@ -1,16 +1,14 @@
 """Batched matrix functions on stacks of symmetric PSD matrices, shape (N, n, n)."""
 
-from .precision import PRECISIONS, bmm, round_to
+from .precision import PRECISIONS, bmm, matmul_precision, round_to
 from .roots import (
     EIGEN_FIXES,
     METHODS,
-    chebyshev_inverse_root,
-    eigh_inverse_root,
+    RootOptions,
     eigh_with_fallback,
     inverse_root,
-    ndb_inverse_root,
-    newton_inverse_root,
     root_matmuls,
+    solve_inverse_root,
 )
 from .scaling import SCALINGS, power_iteration, spectral_scale
 
@@ -19,15 +17,14 @@ __all__ = [
     "METHODS",
     "PRECISIONS",
     "SCALINGS",
+    "RootOptions",
     "bmm",
-    "chebyshev_inverse_root",
-    "eigh_inverse_root",
     "eigh_with_fallback",
     "inverse_root",
-    "ndb_inverse_root",
-    "newton_inverse_root",
+    "matmul_precision",
     "power_iteration",
     "root_matmuls",
     "round_to",
+    "solve_inverse_root",
     "spectral_scale",
 ]

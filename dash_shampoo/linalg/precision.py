@@ -1,12 +1,16 @@
 """Batched matmul at a chosen precision, with fp32 accumulation, on any device.
 
-``"fp32"``: IEEE float32 products (TF32 is switched off for the call on CUDA).
+``"fp32"``: IEEE float32 products (TF32 switched off on CUDA).
 ``"tf32"``: inputs rounded to TF32 (10-bit mantissa), fp32 accumulation: tensor cores on CUDA,
 emulated on the CPU by rounding the inputs and multiplying in fp32.
 ``"bf16"`` / ``"fp16"``: inputs rounded to 16 bits, products accumulated and returned in fp32:
 ``torch.bmm(..., out_dtype=float32)`` on CUDA where available, otherwise emulated by rounding the
 inputs and multiplying in fp32 (exact products of 16-bit numbers summed in fp32, which is what the
 tensor cores compute).
+
+On CUDA, fp32 and TF32 products differ only by the process-wide flag
+``torch.backends.cuda.matmul.allow_tf32``. :func:`matmul_precision` sets it once for a whole
+computation (a solver call) and puts it back after; :func:`matmul` inside it changes no flag.
 """
 
 from __future__ import annotations
@@ -41,25 +45,29 @@ def round_to(x: torch.Tensor, precision: Precision) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _cuda_tf32(enabled: bool) -> Iterator[None]:
+def matmul_precision(precision: Precision, device: torch.device) -> Iterator[None]:
+    """Within the block, fp32 products on a CUDA ``device`` are TF32 exactly when ``precision`` is
+    ``"tf32"`` (the flag is set once on entry and restored on exit; other devices: no effect)."""
+    if device.type != "cuda":
+        yield
+        return
     flag = torch.backends.cuda.matmul
     previous = flag.allow_tf32
-    flag.allow_tf32 = enabled
+    flag.allow_tf32 = precision == "tf32"
     try:
         yield
     finally:
         flag.allow_tf32 = previous
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
-    """Batched ``a @ b`` with inputs rounded to ``precision``, accumulated and returned in ``a.dtype``.
+def matmul(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
+    """Batched ``a @ b`` at ``precision`` inside :func:`matmul_precision` (no flag is changed here).
 
     fp64 stacks with ``"fp32"`` are multiplied in fp64 (the float64 reference path).
     """
     if a.device.type == "cuda" and a.dtype == torch.float32:
         if precision in ("fp32", "tf32"):
-            with _cuda_tf32(precision == "tf32"):
-                return torch.bmm(a, b)
+            return torch.bmm(a, b)
         half = _HALF[precision]
         try:
             return torch.bmm(a.to(half), b.to(half), out_dtype=torch.float32)
@@ -68,3 +76,10 @@ def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torc
     if precision == "fp32":
         return torch.bmm(a, b)
     return torch.bmm(round_to(a, precision), round_to(b, precision))
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
+    """Batched ``a @ b`` with inputs rounded to ``precision``, accumulated and returned in ``a.dtype``
+    (one :func:`matmul` inside its own :func:`matmul_precision`)."""
+    with matmul_precision(precision, a.device):
+        return matmul(a, b, precision)

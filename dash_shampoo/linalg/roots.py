@@ -1,14 +1,15 @@
 """Batched inverse p-th roots ``A^(-1/p)`` of stacks of symmetric PSD matrices, shape (N, n, n).
 
-Every solver works on the whole stack at once (one batched call per stack, no loop over matrices)
-and adds the ridge ``eps·I`` to each matrix before anything else, so each one computes
-``(A + eps·I)^(-1/p)`` (the eigendecomposition's eigenvalue treatments are described with it).
+:func:`inverse_root` is the one entry point. It validates its options once (:class:`RootOptions`),
+adds the ridge ``eps·I`` to every matrix, estimates the spectral scale of the iterative methods,
+sets the matmul precision once and, on the CPU, solves the stack in cache-sized chunks; each
+method is then a short loop over the whole (chunk of the) stack, with no loop over matrices:
 
-- :func:`eigh_inverse_root`: ``Q diag(λ^(-1/p)) Qᵀ`` from ``torch.linalg.eigh``; exact up to rounding.
-- :func:`newton_inverse_root`: coupled Newton iteration (Guo & Higham) for any integer ``p``.
-- :func:`ndb_inverse_root`: inverse-free Newton–Denman–Beavers (coupled Newton–Schulz) for the
-  square root and inverse square root; ``p = 2^k`` by composition.
-- :func:`chebyshev_inverse_root`: a Chebyshev series of ``x^(-1/p)`` evaluated with Clenshaw.
+- ``"eigh"``: ``Q diag(λ^(-1/p)) Qᵀ`` from ``torch.linalg.eigh``; exact up to rounding.
+- ``"newton"``: coupled Newton iteration (Guo & Higham) for any integer ``p``.
+- ``"ndb"``: inverse-free Newton–Denman–Beavers (coupled Newton–Schulz) for the square root and
+  inverse square root; ``p = 2^k`` by composition.
+- ``"chebyshev"``: a Chebyshev series of ``x^(-1/p)`` evaluated with Clenshaw.
 
 The iterative solvers scale each matrix by ``s >= λ_max`` (:func:`spectral_scale`), iterate in
 fp32 (matmuls at ``precision``, see :mod:`dash_shampoo.linalg.precision`) and undo the scaling, so
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from .._checks import check_choice, check_number, check_stack
-from .precision import PRECISIONS, Precision, bmm
-from .scaling import SCALINGS, Scaling, spectral_scale
+from .precision import PRECISIONS, Precision, matmul_precision
+from .precision import matmul as bmm
+from .scaling import SCALINGS, Scaling, _spectral_scale
 
 Method = Literal["eigh", "newton", "ndb", "chebyshev"]
 METHODS: tuple[str, ...] = ("eigh", "newton", "ndb", "chebyshev")
@@ -101,12 +104,10 @@ def _eigh_one_by_one(
     return values, vectors, failed
 
 
-def eigh_inverse_root(
-    A: torch.Tensor, p: float, *, eps: float = 0.0, eigen_fix: EigenFix = "shift"
-) -> torch.Tensor:
-    """``A^(-1/p)`` by eigendecomposition, with the eigenvalues of ``A + eps·I`` treated first.
+def _eigh_root(X: torch.Tensor, p: float, eps: float, eigen_fix: EigenFix) -> torch.Tensor:
+    """``A^(-1/p)`` by eigendecomposition of the ridged ``X = A + eps·I``, eigenvalues treated first.
 
-    With ``λ`` the eigenvalues of ``A + eps·I`` and ``A = Q diag(λ_A) Qᵀ``:
+    With ``λ`` the eigenvalues of ``X`` and ``A = Q diag(λ_A) Qᵀ``:
 
     - ``"shift"`` (Shampoo's treatment): ``λ ← λ − min(λ_min, 0) + eps``, so the smallest is at least
       ``eps`` (``eps`` is thus added twice to a PSD matrix, as in Distributed Shampoo and DASH).
@@ -120,7 +121,7 @@ def eigh_inverse_root(
     (``0^(-1/p) = inf``, and ``inf · 0 = NaN`` in the product with the eigenvectors) except with
     ``"pinv"``.
     """
-    values, vectors, failed = eigh_with_fallback(_with_ridge(A, eps))
+    values, vectors, failed = eigh_with_fallback(X)
     if eigen_fix == "shift":
         values = values - values.amin(dim=-1, keepdim=True).clamp_max(0) + eps
         weights = values.pow(-1.0 / p)
@@ -134,6 +135,11 @@ def eigh_inverse_root(
         weights = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p), 0.0)
     root = _symmetrize((vectors * weights[:, None, :]) @ vectors.mT)
     return root.masked_fill_(failed[:, None, None], float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterations with a per-matrix stopping rule kept on the device
+# ---------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,17 +161,29 @@ def _shifted_identity(M: torch.Tensor, a: float, b: float) -> torch.Tensor:
     return out
 
 
-def _masked_update(
-    active: torch.Tensor, tol: float | None, *pairs: tuple[torch.Tensor, torch.Tensor]
-) -> list[torch.Tensor]:
-    """The new value of each ``(new, old)`` pair where ``active``, else the old one.
+class _StoppingRule:
+    """Which matrices still iterate: all of them without ``tol``; with it, those whose ``max|M − I|``
+    has stayed at or above ``tol`` (a mask on the device, no host synchronisation). Counts each
+    matrix's iterations into ``iterations`` when given."""
 
-    Without ``tol`` every matrix is active, so the new values are returned without a select.
-    """
-    if tol is None:
-        return [new for new, _ in pairs]
-    keep = active[:, None, None]
-    return [torch.where(keep, new, old) for new, old in pairs]
+    def __init__(self, X: torch.Tensor, tol: float | None, iterations: torch.Tensor | None) -> None:
+        self.tol = tol
+        self.iterations = iterations
+        self.active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device) if tol is not None else None
+
+    def check(self, M: torch.Tensor) -> None:
+        """Stop the matrices whose ``M`` (the iteration's ``X^p A`` or ``Z Y``) is within ``tol`` of I."""
+        if self.active is not None:
+            self.active &= _max_abs_deviation_from_identity(M) >= self.tol
+
+    def update(self, *pairs: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """The new value of each ``(new, old)`` pair where the matrix is active, else the old one."""
+        if self.iterations is not None:
+            self.iterations += 1 if self.active is None else self.active
+        if self.active is None:
+            return [new for new, _ in pairs]
+        keep = self.active[:, None, None]
+        return [torch.where(keep, new, old) for new, old in pairs]
 
 
 def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
@@ -181,128 +199,94 @@ def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
         base = bmm(base, base, precision)
 
 
-def newton_inverse_root(
-    A: torch.Tensor,
+def _newton_root(
+    X: torch.Tensor,
     p: int,
-    *,
-    eps: float = 0.0,
-    steps: int = 10,
-    tol: float | None = None,
-    scaling: Scaling = "power_multi",
-    scaling_steps: int = 10,
-    num_vectors: int = 16,
-    safety: float = 2.0,
-    precision: Precision = "fp32",
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A + eps·I)^(-1/p)`` by the coupled Newton iteration, for any integer ``p >= 1``.
+    scale: torch.Tensor,
+    steps: int,
+    tol: float | None,
+    precision: Precision,
+    iterations: torch.Tensor | None,
+) -> torch.Tensor:
+    """``X^(-1/p)`` by the coupled Newton iteration, for any integer ``p >= 1``.
 
-    With ``s`` from :func:`spectral_scale` and ``z = (p + 1) / (2 s)``, start from
-    ``X_0 = z^(1/p) I`` and ``M_0 = z (A + eps·I)`` (eigenvalues in ``(0, (p+1)/2]``) and iterate
+    With ``z = (p + 1) / (2 s)``, start from ``X_0 = z^(1/p) I`` and ``M_0 = z X`` (eigenvalues in
+    ``(0, (p+1)/2]``) and iterate
 
         ``N_k = ((p + 1) I − M_k) / p``,  ``X_{k+1} = X_k N_k``,  ``M_{k+1} = N_k^p M_k``,
 
-    so ``M_k = X_k^p A → I`` and ``X_k → A^(-1/p)``. ``X_k N_k`` is accumulated in fp32; the products
-    that form ``M`` run at ``precision``. With ``tol``, a matrix stops changing once
-    ``max|M_k − I| < tol`` (a mask on the device: no host synchronisation); ``steps`` is then the
-    maximum number of iterations.
-
-    Returns:
-        ``(root, iterations)``: the root in ``A``'s dtype and, per matrix, the iterations applied.
+    so ``M_k = X_k^p X → I`` and ``X_k → X^(-1/p)``. The products that form ``M`` run at
+    ``precision``; ``X_k N_k`` accumulates the root in fp32 (on CUDA with ``"tf32"`` it is a TF32
+    product too, since the TF32 flag is set once for the solver call, as in the authors' runs with
+    TF32 on globally; the accuracy is set by the ``M`` products either way).
     """
-    X = _with_ridge(A, eps)
-    scale = spectral_scale(
-        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
-    )
     z = ((p + 1) / (2 * scale))[:, None, None]
     M = X * z
     root = _eye_like(X) * z.pow(1.0 / p)
-    active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-    iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
+    rule = _StoppingRule(X, tol, iterations)
     for _ in range(steps):
-        if tol is not None:
-            active = active & (_max_abs_deviation_from_identity(M) >= tol)
+        rule.check(M)
         N = _shifted_identity(M, -1.0 / p, (p + 1) / p)
         new_root = bmm(root, N, "fp32")
         new_M = bmm(_power(N, p, precision), M, precision)
-        root, M = _masked_update(active, tol, (new_root, root), (new_M, M))
-        iterations += active
-    return _symmetrize(root).to(A.dtype), iterations
+        root, M = rule.update((new_root, root), (new_M, M))
+    return _symmetrize(root)
 
 
 def _ndb_stage(
     X: torch.Tensor,
     scale: torch.Tensor,
     steps: int,
-    tol: float | None,
+    rule: _StoppingRule,
     precision: Precision,
     want: Literal["Y", "Z"],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Coupled Newton–Schulz iteration for ``B = X / s``: ``Y → B^(1/2)``, ``Z → B^(-1/2)``.
 
     ``E_k = (3 I − Z_k Y_k) / 2``, ``Y_{k+1} = Y_k E_k``, ``Z_{k+1} = E_k Z_k`` from ``Y_0 = B``,
     ``Z_0 = I`` (three matmuls a step, no inverse; the first step needs one, and the last skips the
     product that is not wanted). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
-    Returns ``(Y or Z as wanted, iterations)``, not yet rescaled.
+    Returns ``Y`` or ``Z`` as wanted, not yet rescaled.
     """
     Y = X / scale[:, None, None]
     Z = _eye_like(X)
-    active = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-    iterations = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
     for k in range(steps):
         ZY = Y if k == 0 else bmm(Z, Y, precision)
-        if tol is not None:
-            active = active & (_max_abs_deviation_from_identity(ZY) >= tol)
+        rule.check(ZY)
         E = _shifted_identity(ZY, -0.5, 1.5)
         last = k == steps - 1
         new_Y = Y if last and want == "Z" else bmm(Y, E, precision)
         new_Z = Z if last and want == "Y" else E if k == 0 else bmm(E, Z, precision)
-        Y, Z = _masked_update(active, tol, (new_Y, Y), (new_Z, Z))
-        iterations += active
-    return (Y if want == "Y" else Z), iterations
+        Y, Z = rule.update((new_Y, Y), (new_Z, Z))
+    return Y if want == "Y" else Z
 
 
-def ndb_inverse_root(
-    A: torch.Tensor,
+def _ndb_root(
+    X: torch.Tensor,
     p: int,
-    *,
-    eps: float = 0.0,
-    steps: int = 10,
-    tol: float | None = None,
-    scaling: Scaling = "power_multi",
-    scaling_steps: int = 10,
-    num_vectors: int = 16,
-    safety: float = 2.0,
-    precision: Precision = "fp32",
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A + eps·I)^(-1/p)`` for ``p = 2^k`` by Newton–Denman–Beavers stages (see :func:`_ndb_stage`).
+    scale: torch.Tensor,
+    steps: int,
+    tol: float | None,
+    precision: Precision,
+    iterations: torch.Tensor | None,
+) -> torch.Tensor:
+    """``X^(-1/p)`` for ``p = 2^k`` by Newton–Denman–Beavers stages (see :func:`_ndb_stage`).
 
-    ``p = 2``: one stage, ``A^(-1/2) = Z / sqrt(s)``. ``p = 2^k``: ``k − 1`` square-root stages
+    ``p = 2``: one stage, ``X^(-1/2) = Z / sqrt(s)``. ``p = 2^k``: ``k − 1`` square-root stages
     (``S ← Y·sqrt(s)``) then one inverse-square-root stage; the scale of each later stage is the
-    square root of the previous one, since ``λ_max(A^(1/2)) = λ_max(A)^(1/2)`` (no new estimate).
-    ``p = 1``: ``A^(-1) = (A^(-1/2))²``. Each stage runs ``steps`` iterations (fewer per matrix once
-    ``max|Z Y − I| < tol`` when ``tol`` is given).
-
-    Returns:
-        ``(root, iterations)``: the root in ``A``'s dtype and the iterations of all stages per matrix.
+    square root of the previous one, since ``λ_max(X^(1/2)) = λ_max(X)^(1/2)`` (no new estimate).
+    ``p = 1``: ``X^(-1) = (X^(-1/2))²``. Each stage runs ``steps`` iterations (fewer per matrix once
+    ``max|Z Y − I| < tol`` when ``tol`` is given); ``iterations`` counts those of all stages.
     """
-    X = _with_ridge(A, eps)
-    scale = spectral_scale(
-        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
-    )
-    total = torch.zeros(X.shape[0], dtype=torch.int64, device=X.device)
     for _ in range(max(int(math.log2(p)), 1) - 1):
-        Y, iterations = _ndb_stage(X, scale, steps, tol, precision, "Y")
+        Y = _ndb_stage(X, scale, steps, _StoppingRule(X, tol, iterations), precision, "Y")
         X = _symmetrize(Y * scale.sqrt()[:, None, None])
         scale = scale.sqrt()
-        total += iterations
-    Z, iterations = _ndb_stage(X, scale, steps, tol, precision, "Z")
-    total += iterations
+    Z = _ndb_stage(X, scale, steps, _StoppingRule(X, tol, iterations), precision, "Z")
     root = Z / scale.sqrt()[:, None, None]
     if p == 1:
         root = bmm(root, root, "fp32")
-    return _symmetrize(root).to(A.dtype), total
+    return _symmetrize(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,43 +310,26 @@ def _chebyshev_coefficients_fp64(p: float, degree: int, lower: float) -> torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def chebyshev_coefficients(
-    p: float, degree: int, lower: float, device: torch.device, dtype: torch.dtype
+def chebyshev_coefficients(p: float, degree: int, lower: float, dtype: torch.dtype) -> tuple[float, ...]:
+    """The coefficients of :func:`_chebyshev_coefficients_fp64` rounded to ``dtype``, as floats."""
+    return tuple(_chebyshev_coefficients_fp64(p, degree, lower).to(dtype).tolist())
+
+
+def _chebyshev_root(
+    X: torch.Tensor, p: float, scale: torch.Tensor, degree: int, lower: float, precision: Precision
 ) -> torch.Tensor:
-    """The coefficients of :func:`_chebyshev_coefficients_fp64`, cached per device and dtype."""
-    return _chebyshev_coefficients_fp64(p, degree, lower).to(device=device, dtype=dtype)
+    """``(X + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, with ``a = lower``.
 
-
-def chebyshev_inverse_root(
-    A: torch.Tensor,
-    p: float,
-    *,
-    eps: float = 0.0,
-    degree: int = 40,
-    interval_lower: float = 1e-3,
-    scaling: Scaling = "bound",
-    scaling_steps: int = 10,
-    num_vectors: int = 16,
-    safety: float = 2.0,
-    precision: Precision = "fp32",
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``(A + eps·I + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, with ``a = interval_lower``.
-
-    With ``B = (A + eps·I) / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series
-    approximates ``(B + a·I)^(-1/p)`` on ``[a, 1 + a]`` in the variable ``T = 2B − I``; Clenshaw's
-    recurrence ``b_k = 2 T b_{k+1} − b_{k+2} + c_k I``, result ``T b_1 − b_2 + c_0 I``, costs ``d``
-    matmuls (``b_d = c_d I`` needs none). Multiplying by ``s^(-1/p)`` undoes the scaling. The
-    relative ridge ``a·s`` keeps the function smooth on the interval: the series converges
-    geometrically at a rate set by ``a`` (about ``exp(−2 d sqrt(a))``), so eigenvalues far below
-    ``a·λ_max`` are damped, not inverted.
-    The default ``"bound"`` scaling guarantees ``s >= λ_max``, so no eigenvalue leaves the interval.
+    With ``B = X / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series approximates
+    ``(B + a·I)^(-1/p)`` on ``[a, 1 + a]`` in the variable ``T = 2B − I``; Clenshaw's recurrence
+    ``b_k = 2 T b_{k+1} − b_{k+2} + c_k I``, result ``T b_1 − b_2 + c_0 I``, costs ``d`` matmuls
+    (``b_d = c_d I`` needs none). Multiplying by ``s^(-1/p)`` undoes the scaling. The relative ridge
+    ``a·s`` keeps the function smooth on the interval: the series converges geometrically at a rate
+    set by ``a`` (about ``exp(−2 d sqrt(a))``), so eigenvalues far below ``a·λ_max`` are damped, not
+    inverted. The default ``"bound"`` scaling guarantees ``s >= λ_max``, so no eigenvalue leaves the
+    interval.
     """
-    X = _with_ridge(A, eps)
-    scale = spectral_scale(
-        X, scaling, steps=scaling_steps, num_vectors=num_vectors, safety=safety, generator=generator
-    )
-    coefficients = chebyshev_coefficients(float(p), degree, float(interval_lower), X.device, X.dtype).tolist()
+    coefficients = chebyshev_coefficients(float(p), degree, float(lower), X.dtype)
     T = X * (2 / scale)[:, None, None]
     T.diagonal(dim1=-2, dim2=-1).sub_(1)
     b_next = _eye_like(X) * coefficients[-1]  # b_{k+1}, from b_d = c_d I
@@ -374,12 +341,74 @@ def chebyshev_inverse_root(
     result = bmm(T, b_next, precision).sub_(b_after)
     result.diagonal(dim1=-2, dim2=-1).add_(coefficients[0])
     result *= scale.pow(-1.0 / p)[:, None, None]
-    return _symmetrize(result).to(A.dtype)
+    return _symmetrize(result)
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# Options and the entry point
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootOptions:
+    """The options of :func:`inverse_root`, validated once on construction.
+
+    Attributes:
+        method: ``"eigh"``, ``"newton"`` (coupled Newton), ``"ndb"`` (Newton–Denman–Beavers) or
+            ``"chebyshev"`` (Chebyshev series with Clenshaw).
+        eps: ridge added to the diagonal before the root, ``>= 0``.
+        eigen_fix: eigenvalue treatment of ``"eigh"``: ``"shift"``, ``"pinv"`` or ``"abs"``.
+        steps: iterations of ``"newton"`` and ``"ndb"`` (per stage); the maximum when ``tol`` is set.
+        tol: per-matrix stopping tolerance on ``max|M − I|`` for the iterative methods.
+        scaling: spectral scale of the iterative methods: ``"fro"``, ``"power"``,
+            ``"power_multi"`` or ``"bound"``; ``None`` on construction picks ``"power_multi"`` for
+            the Newton methods and ``"bound"`` for Chebyshev (the attribute is never ``None``).
+        scaling_steps, num_vectors, safety: power-iteration steps, vectors and safety factor.
+        precision: matmul precision of the iterative methods: ``"fp32"``, ``"tf32"``, ``"bf16"``
+            or ``"fp16"`` (fp32 accumulation).
+        degree, interval_lower: Chebyshev degree and relative lower end of the fit interval.
+
+    Raises:
+        ValueError, TypeError: an option is outside its allowed values (the message names it).
+    """
+
+    method: Method = "eigh"
+    eps: float = 0.0
+    eigen_fix: EigenFix = "shift"
+    steps: int = 10
+    tol: float | None = None
+    scaling: Scaling | None = None
+    scaling_steps: int = 10
+    num_vectors: int = 16
+    safety: float = 2.0
+    precision: Precision = "fp32"
+    degree: int = 40
+    interval_lower: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_choice("eigen_fix", self.eigen_fix, EIGEN_FIXES)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.scaling is None:
+            object.__setattr__(self, "scaling", "bound" if self.method == "chebyshev" else "power_multi")
+        check_choice("scaling", self.scaling, SCALINGS)
+        check_number("eps", self.eps, low=0)
+        check_number("steps", self.steps, low=1, integer=True)
+        if self.tol is not None:
+            check_number("tol", self.tol, low=0, low_open=True)
+        check_number("scaling_steps", self.scaling_steps, low=0, integer=True)
+        check_number("num_vectors", self.num_vectors, low=1, integer=True)
+        check_number("safety", self.safety, low=0, low_open=True)
+        check_number("degree", self.degree, low=1, integer=True)
+        check_number("interval_lower", self.interval_lower, low=0, low_open=True)
+
+    def check_root(self, p: float) -> None:
+        """Raise ``ValueError`` unless ``p`` is a root this method computes (see :func:`inverse_root`)."""
+        check_number("p", p, low=0, low_open=True)
+        if self.method == "newton" and (not isinstance(p, int) or isinstance(p, bool)):
+            raise ValueError(f"p must be an integer >= 1 for method 'newton'; got {p!r}")
+        if self.method == "ndb" and not (isinstance(p, int) and p >= 1 and p & (p - 1) == 0):
+            raise ValueError(f"p must be 1 or a power of two (2, 4, 8, ...) for method 'ndb'; got {p!r}")
 
 
 def inverse_root(
@@ -400,95 +429,103 @@ def inverse_root(
     interval_lower: float = 1e-3,
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
+    iterations: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(A + eps·I)^(-1/p)`` for every matrix of the symmetric PSD stack ``A`` (N, n, n).
 
     Exactly so for ``"newton"`` and ``"ndb"`` (up to convergence). ``"eigh"`` treats the eigenvalues
     of ``A + eps·I`` by ``eigen_fix`` (``"shift"`` adds ``eps`` a second time; see
-    :func:`eigh_inverse_root`); ``"chebyshev"`` adds the relative ridge ``interval_lower · s`` as well
-    (see :func:`chebyshev_inverse_root`). On the CPU the stack is solved in cache-sized chunks
-    (:data:`CPU_CHUNK_ELEMENTS`); on an accelerator in one batched call.
+    :func:`_eigh_root`); ``"chebyshev"`` adds the relative ridge ``interval_lower · s`` as well (see
+    :func:`_chebyshev_root`). The options are those of :class:`RootOptions`; a caller that solves
+    many stacks with the same options builds one and calls :func:`solve_inverse_root`.
 
     Args:
         A: stack of symmetric PSD matrices, any floating dtype, any N >= 0 and n >= 1.
         p: the root. ``"eigh"`` and ``"chebyshev"``: any real ``p > 0``; ``"newton"``: an integer
             ``>= 1``; ``"ndb"``: 1 or a power of two.
-        method: ``"eigh"``, ``"newton"`` (coupled Newton), ``"ndb"`` (Newton–Denman–Beavers) or
-            ``"chebyshev"`` (Chebyshev series with Clenshaw).
-        eps: ridge added to the diagonal before the root, ``>= 0``.
-        eigen_fix: eigenvalue treatment of ``"eigh"``: ``"shift"``, ``"pinv"`` or ``"abs"``.
-        steps: iterations of ``"newton"`` and ``"ndb"`` (per stage); the maximum when ``tol`` is set.
-        tol: per-matrix stopping tolerance on ``max|M − I|`` for the iterative methods.
-        scaling: spectral scale of the iterative methods: ``"fro"``, ``"power"``,
-            ``"power_multi"`` or ``"bound"``; ``None`` picks ``"power_multi"`` for the Newton
-            methods and ``"bound"`` for Chebyshev.
-        scaling_steps, num_vectors, safety: power-iteration steps, vectors and safety factor.
-        precision: matmul precision of the iterative methods: ``"fp32"``, ``"tf32"``, ``"bf16"``
-            or ``"fp16"`` (fp32 accumulation).
-        degree, interval_lower: Chebyshev degree and relative lower end of the fit interval.
+        method, eps, eigen_fix, steps, tol, scaling, scaling_steps, num_vectors, safety, precision,
+            degree, interval_lower: see :class:`RootOptions`.
         generator: random source of power iteration; the global RNG is never used.
         out: optional output tensor of ``A``'s shape and dtype.
+        iterations: optional int64 tensor of shape (N,) that receives each matrix's iterations
+            (all stages of ``"ndb"``; zeros for ``"eigh"`` and ``"chebyshev"``).
 
     Returns:
         The roots in ``A``'s dtype (``out`` when given). A matrix whose eigendecomposition fails
         comes out as NaN; other matrices are unaffected.
 
     Raises:
-        TypeError: ``A`` is not a floating tensor of shape (N, n, n), or ``out`` does not match.
+        TypeError: ``A`` is not a floating tensor of shape (N, n, n), or ``out``, ``iterations`` or
+            ``generator`` is not what is described above.
         ValueError: an option is outside its allowed values.
     """
+    options = RootOptions(
+        method, eps, eigen_fix, steps, tol, scaling, scaling_steps, num_vectors, safety, precision, degree,
+        interval_lower,
+    )  # fmt: skip
+    return solve_inverse_root(A, p, options, generator=generator, out=out, iterations=iterations)
+
+
+def solve_inverse_root(
+    A: torch.Tensor,
+    p: float,
+    options: RootOptions,
+    *,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+    iterations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`inverse_root` with options validated beforehand (see there for the arguments).
+
+    On the CPU the stack is solved in chunks of :data:`CPU_CHUNK_ELEMENTS` per torch thread; on an
+    accelerator in one batched call. The matmul precision is set once for the whole call.
+    """
     check_stack("A", A)
-    check_choice("method", method, METHODS)
-    check_choice("eigen_fix", eigen_fix, EIGEN_FIXES)
-    check_choice("precision", precision, PRECISIONS)
-    if scaling is None:
-        scaling = "bound" if method == "chebyshev" else "power_multi"
-    check_choice("scaling", scaling, SCALINGS)
-    check_number("p", p, low=0, low_open=True)
-    if method == "newton" and (not isinstance(p, int) or isinstance(p, bool)):
-        raise ValueError(f"p must be an integer >= 1 for method 'newton'; got {p!r}")
-    if method == "ndb" and not (isinstance(p, int) and p >= 1 and p & (p - 1) == 0):
-        raise ValueError(f"p must be 1 or a power of two (2, 4, 8, ...) for method 'ndb'; got {p!r}")
-    check_number("eps", eps, low=0)
-    check_number("steps", steps, low=1, integer=True)
-    if tol is not None:
-        check_number("tol", tol, low=0, low_open=True)
-    check_number("scaling_steps", scaling_steps, low=0, integer=True)
-    check_number("num_vectors", num_vectors, low=1, integer=True)
-    check_number("safety", safety, low=0, low_open=True)
-    check_number("degree", degree, low=1, integer=True)
-    check_number("interval_lower", interval_lower, low=0, low_open=True)
+    options.check_root(p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
-    if out is not None and (
-        not isinstance(out, torch.Tensor) or out.shape != A.shape or out.dtype != A.dtype
-    ):
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TypeError(f"out must be a tensor of shape {tuple(A.shape)} and dtype {A.dtype}; got {got}")
-
-    iterative = dict(
-        eps=eps,
-        scaling=scaling,
-        scaling_steps=scaling_steps,
-        num_vectors=num_vectors,
-        safety=safety,
-        precision=precision,
-        generator=generator,
-    )
-
-    def solve(chunk: torch.Tensor) -> torch.Tensor:
-        if method == "eigh":
-            return eigh_inverse_root(chunk, p, eps=eps, eigen_fix=eigen_fix)
-        if method == "chebyshev":
-            return chebyshev_inverse_root(chunk, p, degree=degree, interval_lower=interval_lower, **iterative)
-        solver = newton_inverse_root if method == "newton" else ndb_inverse_root
-        return solver(chunk, p, steps=steps, tol=tol, **iterative)[0]
-
+    _check_like("out", out, A.shape, A.dtype)
+    _check_like("iterations", iterations, A.shape[:1], torch.int64)
     result = torch.empty_like(A) if out is None else out
+    if iterations is not None:
+        iterations.zero_()
     size = matrices_per_chunk(A, CPU_CHUNK_ELEMENTS)
-    for start in range(0, A.shape[0], size):
-        result[start : start + size] = solve(A[start : start + size])
+    with matmul_precision(options.precision, A.device):
+        for start in range(0, A.shape[0], size):
+            rows = slice(start, start + size)
+            counts = None if iterations is None else iterations[rows]
+            result[rows] = _solve(A[rows], p, options, generator, counts)
     return result
+
+
+def _solve(
+    A: torch.Tensor,
+    p: float,
+    options: RootOptions,
+    generator: torch.Generator | None,
+    iterations: torch.Tensor | None,
+) -> torch.Tensor:
+    """One chunk: ridge, scale, the method's loop; the root in the compute dtype."""
+    X = _with_ridge(A, options.eps)
+    if options.method == "eigh":
+        return _eigh_root(X, p, options.eps, options.eigen_fix)
+    scale = _spectral_scale(
+        X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator
+    )
+    if options.method == "chebyshev":
+        return _chebyshev_root(X, p, scale, options.degree, options.interval_lower, options.precision)
+    solver = _newton_root if options.method == "newton" else _ndb_root
+    return solver(X, p, scale, options.steps, options.tol, options.precision, iterations)
+
+
+def _check_like(name: str, value: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> None:
+    if value is not None and (
+        not isinstance(value, torch.Tensor) or value.shape != shape or value.dtype != dtype
+    ):
+        got = (
+            f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
+        raise TypeError(f"{name} must be a tensor of shape {tuple(shape)} and dtype {dtype}; got {got}")
 
 
 # On the CPU a stack is solved in chunks of at most this many matrix elements per buffer and torch

@@ -84,6 +84,18 @@ def spectral_scale(
     check_number("scaling_steps", steps, low=0, integer=True)
     check_number("num_vectors", num_vectors, low=1, integer=True)
     check_number("safety", safety, low=0, low_open=True)
+    return _spectral_scale(A, method, steps, num_vectors, safety, generator)
+
+
+def _spectral_scale(
+    A: torch.Tensor,
+    method: Scaling,
+    steps: int,
+    num_vectors: int,
+    safety: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`spectral_scale` without the argument checks (for callers that validated them once)."""
     tiny = torch.finfo(A.dtype).tiny
     if method in ("fro", "bound"):
         normalized, magnitude = _normalized(A)
