@@ -66,7 +66,7 @@ def _pieces(length: int, block_size: int) -> list[tuple[int, int, int]]:
 
 
 @dataclass(frozen=True)
-class BlockPlan:
+class Blocking:
     """The blocking of one parameter: its matrix view and the regions that tile it."""
 
     shape: tuple[int, ...]
@@ -78,7 +78,7 @@ class BlockPlan:
     @classmethod
     def build(
         cls, shape: torch.Size | tuple[int, ...], block_size: int, one_dim: Literal["shampoo", "adam"]
-    ) -> BlockPlan:
+    ) -> Blocking:
         """Plan the blocks of a parameter of ``shape`` (see the module docstring)."""
         dims = [d for d in shape if d != 1]
         numel = math.prod(shape)

@@ -11,23 +11,32 @@ contiguous segments of nearly equal cost, so a rank owns at most one contiguous 
 region, its stacks stay batched, and one huge embedding is shared by several ranks. The plan is a
 pure function of the parameter shapes and options, identical on every rank.
 
+Here too: the update exchange (:class:`Exchange`), the checks that every rank agrees, and the
+gathering of each rank's share of the state into one per-parameter state (:func:`merge_states`)
+for ``state_dict`` and for re-planning.
+
 Fully sharded parameters (FSDP2 ``fully_shard``, DTensor) fit the same scheme: the owner of a block
 must then also hold its gradient rows, so the plan would cut at shard boundaries (each rank owns
 the blocks inside its shard, ``Shard(0)`` rows of the matrix view), the gradient gather reads the
 local shard, and the exchange becomes unnecessary (each rank updates its own shard). Only this
-module and the member gather/scatter would change.
+module and the run gather/scatter would change.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import math
 import pickle
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .layout import Layout
+    from .stacks import BlockRun, Stack
 
 
 def block_cost(block: tuple[int, int], sides: list[int], frequency: int, solver_matmuls: int) -> float:
@@ -203,3 +212,123 @@ def all_gather_object(group: Any, obj: Any) -> list[Any]:
         data = ctypes.string_at(part.data_ptr(), length)
         objects.append(pickle.loads(data))
     return objects
+
+
+def group_kind(group: Any) -> str:
+    """``"none"`` (no distribution), ``"default"`` (the default group) or ``"custom"``: what a copy or
+    an unpickled optimizer can restore (a ProcessGroup itself cannot be copied)."""
+    if group is None:
+        return "none"
+    return "default" if group is dist.group.WORLD else "custom"
+
+
+def keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int) -> None:
+    """Cut a parameter's whole-region tensors (loaded or regathered) of region ``region`` (``count``
+    blocks) down to the ``owned`` rows from ``first`` that this rank owns (maybe none)."""
+    suffix = f".{region}"
+    for key, tensor in list(state.items()):
+        if not key.endswith(suffix):
+            continue
+        if owned == 0:
+            del state[key]
+        elif tensor.shape[0] == count and owned != count:
+            state[key] = tensor[first : first + owned].clone()
+
+
+def merge_states(group: Any, local: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Every rank's share of the per-parameter state ``local`` (by parameter index), joined in block
+    order: each region tensor is the concatenation of the ranks' rows (ranks own contiguous runs in
+    rank order); the step counters are the same everywhere."""
+    merged: dict[int, dict[str, Any]] = {}
+    for rank_state in gather_state(group, local):
+        for index, entry in rank_state.items():
+            target = merged.setdefault(index, {})
+            for key, value in entry.items():
+                if key == "step" or key not in target:
+                    target[key] = value
+                else:
+                    target[key] = torch.cat([target[key], value])
+    return dict(sorted(merged.items()))
+
+
+def _run_size(run: BlockRun) -> int:
+    return run.count * math.prod(run.block)
+
+
+class Exchange:
+    """The flat all-gather of update blocks: each rank packs its runs' updates in canonical order
+    into a buffer of the largest rank's size; every rank then applies every rank's part.
+
+    Args:
+        stacks: this rank's stacks.
+        runs_by_rank: every rank's owned runs in canonical order.
+        rank: this rank.
+        dtype: dtype of the exchanged updates.
+    """
+
+    def __init__(
+        self, stacks: list[Stack], runs_by_rank: list[list[BlockRun]], rank: int, dtype: torch.dtype
+    ) -> None:
+        self.runs_by_rank = runs_by_rank
+        self.sizes = [sum(_run_size(run) for run in runs) for runs in runs_by_rank]
+        self.width = max(self.sizes)
+        self.dtype = dtype
+        # Where each of this rank's owned runs starts in the send buffer.
+        offsets: dict[tuple[int, int, int], int] = {}
+        offset = 0
+        for run in runs_by_rank[rank]:
+            offsets[id(run.param), run.region, run.first] = offset
+            offset += _run_size(run)
+        self.placements = [
+            [
+                offsets[id(run.param), run.region, run.owned_first]
+                + (run.first - run.owned_first) * math.prod(stack.shape)
+                for run in stack.runs
+            ]
+            for stack in stacks
+        ]
+
+    @property
+    def bytes_per_step(self) -> int:
+        """Bytes each rank receives per step from the all-gather."""
+        return self.width * len(self.runs_by_rank) * torch.empty((), dtype=self.dtype).element_size()
+
+    def run(
+        self,
+        group: Any,
+        stacks: list[Stack],
+        updates: list[torch.Tensor],
+        targets: dict[torch.Tensor, torch.Tensor],
+        active: set[torch.Tensor],
+    ) -> None:
+        """Exchange the updates and subtract every rank's blocks from the active parameters."""
+        device = next(iter(targets.values())).device
+        send = torch.zeros(self.width, dtype=self.dtype, device=device)
+        for stack, update, places in zip(stacks, updates, self.placements):
+            for run, place in zip(stack.runs, places):
+                if run.param in active:
+                    piece = send[place : place + _run_size(run)].view(run.count, *stack.shape)
+                    piece.copy_(stack.of(run, update))
+        received = all_gather_updates(group, send)
+        for rank, runs in enumerate(self.runs_by_rank):
+            offset = rank * self.width
+            for run in runs:
+                size = _run_size(run)
+                if run.param in active:
+                    update = received[offset : offset + size].view(run.count, *run.block)
+                    run.subtract_from(targets[run.param], update)
+                offset += size
+
+
+def sharing_stats(group: Any, layout: Layout | None) -> dict[str, Any]:
+    """How the work is shared: world size, this rank, the cost imbalance ``max/mean`` over ranks,
+    the blocks this rank owns and the bytes it receives per step (the last three after the first
+    step has built ``layout``; ``None``, ``None``, 0 before)."""
+    rank, world_size = world(group)
+    return {
+        "world_size": world_size,
+        "rank": rank,
+        "imbalance": layout.ownership.imbalance() if layout else None,
+        "owned_blocks": sum(stack.rows for stack in layout.stacks) if layout else None,
+        "bytes_per_step": layout.exchange.bytes_per_step if layout and layout.exchange else 0,
+    }

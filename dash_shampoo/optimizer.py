@@ -1,11 +1,16 @@
-"""DASH: block Shampoo with every block of equal shape processed in one batched operation."""
+"""DASH: block Shampoo with every block of equal shape processed in one batched operation.
+
+This module orchestrates a step; the pieces live elsewhere: the layout of stacks and banks
+(:mod:`dash_shampoo.layout`), the update maths (:mod:`dash_shampoo.preconditioner`), the inverse
+roots (:mod:`dash_shampoo.linalg`) and the sharing of work between processes
+(:mod:`dash_shampoo.distributed`).
+"""
 
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,52 +19,36 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import distributed
+from . import distributed, layout
 from ._checks import check_choice, check_number
-from .blocking import BlockPlan
+from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
-from .linalg.precision import PRECISIONS
-from .linalg.roots import EIGEN_FIXES, METHODS, matrices_per_chunk, root_matmuls
-from .linalg.scaling import SCALINGS
+from .linalg.precision import PRECISIONS, Precision
+from .linalg.roots import EIGEN_FIXES, METHODS, EigenFix, Method, matrices_per_chunk
+from .linalg.scaling import SCALINGS, Scaling
 from .preconditioner import (
     GRAFTINGS,
+    Grafting,
+    accept_roots,
     accumulate_factor,
     accumulate_second_moment,
-    graft,
-    grafting_direction,
-    precondition,
+    row_values,
+    update_direction,
 )
-from .stacks import Bank, Member, Stack, bind
+from .stacks import Bank, Stack
 
 Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
+NonFinite = Literal["skip", "raise"]
 NONFINITE: tuple[str, ...] = ("skip", "raise")
+Communication = Literal["fp32", "bf16"]
 COMMUNICATION: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OneDim = Literal["shampoo", "adam"]
 ONE_DIM: tuple[str, ...] = ("shampoo", "adam")
 
-# Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
-_LAYOUT_KEYS = (
-    "block_size",
-    "one_dim",
-    "matrix_root",
-    "precondition_frequency",
-    "start_preconditioning_step",
-    "stagger",
-    "root_method",
-    "root_eps",
-    "root_steps",
-    "root_tol",
-    "scaling",
-    "scaling_steps",
-    "num_vectors",
-    "safety",
-    "precision",
-    "eigen_fix",
-    "chebyshev_degree",
-    "chebyshev_interval_lower",
-    "grafting",
-    "momentum",
-)
+# On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
+# elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
+CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ class DASH(Optimizer):
         precondition_frequency: refresh the roots when ``t == start`` or ``t % frequency == 0``.
         start_preconditioning_step: first step that uses the Shampoo direction (from 1).
         stagger: spread the refreshes of each frequency window evenly over its steps (factor
-            ``k`` of the plan is refreshed when ``t % frequency == k % frequency``).
+            ``k`` of the layout is refreshed when ``t % frequency == k % frequency``).
         grafting: ``"adam"``, ``"adagrad"``, ``"rmsprop"``, ``"sgd"`` or ``"none"`` (no norm matching).
         bias_correction: bias-correct the gradient EMA and Adam's second moment.
         momentum: momentum ``μ`` on the final direction: ``M ← μM + P``; Nesterov ``P + μM``.
@@ -136,11 +125,11 @@ class DASH(Optimizer):
         nonfinite: on a non-finite gradient, ``"skip"`` the step (counted in
             :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
         seed: seed of the power-iteration start vectors (the global RNG is never used).
-        process_group: ranks that share the preconditioner work (default: the default group when
-            ``torch.distributed`` is initialised). Each rank refreshes and applies its share of the
-            blocks and the updates are all-gathered (:mod:`dash_shampoo.distributed`); every rank
-            must hold the same gradients (DDP). Call :meth:`state_dict` on every rank: it gathers.
-            ``False``: no distribution (every rank computes every block, as in one process).
+        process_group: the processes that share the preconditioner work (default: the default
+            group when ``torch.distributed`` is initialised); each computes its share of the blocks
+            and the updates are all-gathered (:mod:`dash_shampoo.distributed`). All must hold the
+            same gradients (DDP); call :meth:`state_dict` on all of them: it gathers. ``False``: no
+            distribution (each process computes every block, as alone).
         communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
 
     A root refresh that fails, is not finite or has an entry above ``100·root_eps^(-1/p)`` (an exact
@@ -162,30 +151,30 @@ class DASH(Optimizer):
         precondition_frequency: int = 10,
         start_preconditioning_step: int = 1,
         stagger: bool = False,
-        grafting: str = "adam",
+        grafting: Grafting = "adam",
         bias_correction: bool = True,
         momentum: float = 0.0,
         nesterov: bool = False,
-        root_method: str = "ndb",
+        root_method: Method = "ndb",
         root_eps: float = 1e-10,
         root_steps: int = 10,
         root_tol: float | None = None,
-        scaling: str = "power_multi",
+        scaling: Scaling = "power_multi",
         scaling_steps: int = 10,
         num_vectors: int = 16,
         safety: float = 2.0,
-        precision: str = "fp32",
-        eigen_fix: str = "shift",
+        precision: Precision = "fp32",
+        eigen_fix: EigenFix = "shift",
         chebyshev_degree: int = 40,
         chebyshev_interval_lower: float = 1e-3,
-        one_dim: str = "shampoo",
+        one_dim: OneDim = "shampoo",
         matrix_root: int | None = None,
         maximize: bool = False,
-        stacking: str = "global",
-        nonfinite: str = "skip",
+        stacking: Stacking = "global",
+        nonfinite: NonFinite = "skip",
         seed: int = 0,
         process_group: Any = None,
-        communication: str = "fp32",
+        communication: Communication = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -222,9 +211,9 @@ class DASH(Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.seed = check_number("seed", seed, low=0, integer=True)
         self.communication = check_choice("communication", communication, tuple(COMMUNICATION))
-        self._group = distributed.resolve_group(process_group)
+        self._process_group = distributed.resolve_group(process_group)
         super().__init__(params, defaults)
-        self._plan: _Plan | None = None
+        self._layout: Layout | None = None
         self._failures: dict[torch.device, torch.Tensor] = {}
         self._root_hooks: OrderedDict[int, RootHook] = OrderedDict()
         self.skipped_steps = 0
@@ -245,16 +234,14 @@ class DASH(Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
-        self._plan = None
+        self._layout = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps"):
             state[key] = getattr(self, key)
         # A ProcessGroup cannot be pickled or copied: record which kind of group this was.
-        state.pop("_group", None)
-        state.pop("_root_hooks", None)
-        state["_group_kind"] = _group_kind(self._group)
+        state["_group_kind"] = distributed.group_kind(self._process_group)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -270,8 +257,8 @@ class DASH(Optimizer):
                 "cannot be copied; the copy distributes over the default group if one is initialised",
                 stacklevel=2,
             )
-        self._group = distributed.resolve_group(False if kind == "none" else None)
-        self.__dict__.setdefault("_plan", None)
+        self._process_group = distributed.resolve_group(False if kind == "none" else None)
+        self.__dict__.setdefault("_layout", None)
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("skipped_steps", 0)
@@ -295,17 +282,8 @@ class DASH(Optimizer):
         return int(sum(int(count) for count in self._failures.values()))
 
     def distribution_stats(self) -> dict[str, Any]:
-        """How the work is shared (after the first step): world size, this rank, the cost imbalance
-        ``max/mean`` over ranks, the blocks this rank owns and the bytes it receives per step."""
-        rank, world_size = distributed.world(self._group)
-        plan = self._plan
-        return {
-            "world_size": world_size,
-            "rank": rank,
-            "imbalance": plan.ownership.imbalance() if plan else None,
-            "owned_blocks": sum(stack.rows for stack in plan.stacks) if plan else None,
-            "bytes_per_step": plan.exchange.bytes_per_step if plan and plan.exchange else 0,
-        }
+        """How the work is shared (:func:`dash_shampoo.distributed.sharing_stats`; after a step)."""
+        return distributed.sharing_stats(self._process_group, self._layout)
 
     # ------------------------------------------------------------------------------------------
     # state_dict
@@ -314,34 +292,13 @@ class DASH(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state, per parameter and independent of stacking mode and world size.
 
-        With several ranks every rank must call it (it gathers each rank's blocks); every rank
-        gets the full state, which loads at any world size.
+        When the work is shared between processes all of them must call it (it gathers each one's
+        blocks); each gets the full state, which loads into any number of processes.
         """
         local = super().state_dict()
-        if distributed.world(self._group)[1] > 1:
-            local["state"] = self._gathered_state(local["state"])
+        if distributed.world(self._process_group)[1] > 1:
+            local["state"] = distributed.merge_states(self._process_group, local["state"])
         return local
-
-    def _gathered_state(self, local: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """Every rank's blocks of ``local`` (per-parameter state by index), joined in block order."""
-        merged: dict[int, dict[str, Any]] = {}
-        for rank_state in distributed.gather_state(self._group, local):
-            for index, entry in rank_state.items():
-                target = merged.setdefault(index, {})
-                for key, value in entry.items():
-                    if key == "step" or key not in target:
-                        target[key] = value
-                    else:
-                        target[key] = torch.cat([target[key], value])
-        return dict(sorted(merged.items()))
-
-    def _regather_state(self) -> None:
-        """Before re-planning across ranks, give every rank the full state of every parameter."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        local = {i: self.state[p] for i, p in enumerate(params) if p in self.state}
-        for index, entry in self._gathered_state(local).items():
-            p = params[index]
-            self.state[p] = {key: _restore(key, value, p.device) for key, value in entry.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict`, whatever the stacking mode that saved it.
@@ -352,12 +309,16 @@ class DASH(Optimizer):
         saved_state = state_dict["state"]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        self._restore_state(saved_state, saved_ids)
+        self._layout = None
+
+    def _restore_state(self, saved: dict[int, dict[str, Any]], ids: list[int] | None = None) -> None:
+        """Set each parameter's state from ``saved`` (by the index ``ids`` give it; its own position
+        by default), moved to its device with floating state in float32."""
         params = [p for group in self.param_groups for p in group["params"]]
-        for index, p in zip(saved_ids, params):
-            if index not in saved_state:
-                continue
-            self.state[p] = {key: _restore(key, value, p.device) for key, value in saved_state[index].items()}
-        self._plan = None
+        for index, p in zip(ids if ids is not None else range(len(params)), params):
+            if index in saved:
+                self.state[p] = {key: _restore(key, value, p.device) for key, value in saved[index].items()}
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -380,14 +341,12 @@ class DASH(Optimizer):
                 active.add(p)
         if not active:
             return loss
-        plan = self._plan
-        if plan is None or not plan.covers(active) or plan.signature != _signature(self.param_groups):
-            if plan is not None and plan.exchange is not None:
-                self._regather_state()
-            plan = self._plan = _Plan.build(self, active)
+        plan = self._layout
+        if plan is None or not plan.covers(active) or plan.signature != layout.signature(self.param_groups):
+            plan = self._layout = self._build_layout(active)
 
         for stack in plan.stacks:
-            _gather_gradients(stack, self.param_groups[stack.group]["maximize"])
+            stack.gather_gradients(self.param_groups[stack.group_index]["maximize"])
         if not self._gradients_finite(plan):
             return loss
 
@@ -398,19 +357,11 @@ class DASH(Optimizer):
         for stack in plan.stacks:
             self._update_statistics(stack)
         for bank in plan.banks:
-            self._refresh(bank)
+            self._refresh(bank, plan.root_options[bank.group_index])
         self._apply_weight_decay(active)
         targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
         updates = [self._direction(stack) for stack in plan.stacks]
-        if plan.exchange is None:
-            for stack, update in zip(plan.stacks, updates):
-                row = 0
-                for member in stack.members:
-                    if member.param in active:
-                        member.subtract_from(targets[member.param], update[row : row + member.count])
-                    row += member.count
-        else:
-            plan.exchange.run(self._group, plan.stacks, updates, targets, active)
+        plan.apply(self._process_group, updates, targets, active)
         for p, target in targets.items():
             if target is not p:
                 p.copy_(target)
@@ -418,104 +369,84 @@ class DASH(Optimizer):
             plan.restore_rows(saved)
         return loss
 
-    def _gradients_finite(self, plan: _Plan) -> bool:
+    def _build_layout(self, active: set[torch.Tensor]) -> Layout:
+        """A new layout for the parameters used now (the shares are re-planned from the full state)."""
+        if self._layout is not None and self._layout.exchange is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            local = {i: self.state[p] for i, p in enumerate(params) if p in self.state}
+            self._restore_state(distributed.merge_states(self._process_group, local))
+        regions = layout.collect_regions(self.param_groups, self.state, active)
+        distributed.check_same_everywhere(self._process_group, regions.fingerprint)
+        return layout.build(
+            self.param_groups,
+            self.state,
+            regions,
+            self.stacking,
+            *distributed.world(self._process_group),
+            exchange_dtype=COMMUNICATION[self.communication],
+        )
+
+    def _gradients_finite(self, plan: Layout) -> bool:
         # A sum is finite only if every term is (inf, -inf and NaN all propagate), so one reduction
         # per stack decides the usual case; only a non-finite sum (possibly an overflow of finite
         # values) is checked element by element.
-        per_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
         for stack in plan.stacks:
-            per_device[stack.grad.device].append(stack.grad.sum())
+            per_device.setdefault(stack.grad.device, []).append(stack.grad.sum())
         flags = [torch.isfinite(torch.stack(f)).all().cpu() for f in per_device.values()]
         local = bool(torch.stack(flags).all()) if flags else True
         bad = [] if local else [s for s in plan.stacks if not bool(torch.isfinite(s.grad).all())]
-        if distributed.all_finite(self._group, torch.tensor(not bad)):
+        if distributed.all_finite(self._process_group, torch.tensor(not bad)):
             return True
         if self.nonfinite == "raise":
-            names = sorted({f"group {s.group}, shape {tuple(m.param.shape)}" for s in bad for m in s.members})
-            where = "; ".join(names) if names else "another rank's gradients"
+            names = sorted(
+                {f"group {s.group_index}, shape {tuple(r.param.shape)}" for s in bad for r in s.runs}
+            )
+            where = "; ".join(names) if names else "another process's gradients"
             raise FloatingPointError(f"DASH got a non-finite gradient in: {where}")
         self.skipped_steps += 1
         return False
 
-    def _row_values(self, stack: Stack, fn: Callable[[int], Any]) -> Any:
-        """``fn(t)`` for the stack's rows: a scalar when all members share ``t``, else (S, 1, 1)."""
-        steps = [int(self.state[m.param]["step"]) for m in stack.members]
-        if all(s == steps[0] for s in steps):
-            return fn(steps[0])
-        values = [fn(s) for m, s in zip(stack.members, steps) for _ in range(m.count)]
-        return torch.tensor(values, device=stack.grad.device).view(-1, 1, 1)
+    def _steps(self, runs: Iterable[Any]) -> list[int]:
+        return [int(self.state[run.param]["step"]) for run in runs]
 
     def _update_statistics(self, stack: Stack) -> None:
-        group = self.param_groups[stack.group]
+        group = self.param_groups[stack.group_index]
         g = stack.grad
-        for side, location in (("left", stack.left), ("right", stack.right)):
-            if location is not None:
-                bank, first = location
-                accumulate_factor(bank.factors[first : first + stack.rows], g, side, group["factor_beta"])
+        for side in ("left", "right"):
+            factors = stack.factors(side)
+            if factors is not None:
+                accumulate_factor(factors, g, side, group["factor_beta"])
         if "moment" in stack.tensors:
             accumulate_second_moment(stack.tensors["moment"], g, group["grafting"], group["betas"][1])
         beta1 = group["betas"][0]
         if beta1 > 0:
             stack.tensors["grad_ema"].lerp_(g, 1 - beta1)
 
-    def _refresh(self, bank: Bank) -> None:
-        group = self.param_groups[bank.group]
-        rows = self._due_rows(bank, group)
+    def _refresh(self, bank: Bank, options: RootOptions) -> None:
+        """Refresh the roots of the bank's due rows; keep the old root of each one not accepted."""
+        group = self.param_groups[bank.group_index]
+        steps = self._steps(entry.run for entry in bank.entries)
+        start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
+        rows = bank.due_rows(steps, start, frequency, group["stagger"])
         if rows is None:
             return
+        every = isinstance(rows, str)
         device = bank.factors.device
-        step = max(int(self.state[m.param]["step"]) for m, _ in bank.members)
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
-        factors = bank.factors if rows == "all" else bank.factors.index_select(0, rows)
-        old = bank.roots if rows == "all" else bank.roots.index_select(0, rows)
-        call = RootCall(factors, bank.root, _root_options(group))
-        solve = functools.partial(solve_inverse_root, factors, bank.root, call.options, generator=generator)
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + max(steps))
+        factors = bank.factors if every else bank.factors.index_select(0, rows)
+        old = bank.roots if every else bank.roots.index_select(0, rows)
+        call = RootCall(factors, bank.root, options)
+        solve = functools.partial(solve_inverse_root, factors, bank.root, options, generator=generator)
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
-        new = solve()
-        # Exact roots obey |X_ij| <= ||X||_2 <= eps^(-1/p) (every eigenvalue of the ridged factor
-        # is at least eps); a diverged iteration can be finite and 1e16 times beyond that. The slack
-        # allows for fp32 iterations on singular factors, which overshoot by a few times (2.1x
-        # measured on the first refresh of the tiny trainer model).
-        eps = group["root_eps"]
-        bound = ROOT_BOUND_SLACK * eps ** (-1.0 / bank.root) if eps > 0 else math.inf
-        peak = new.abs().flatten(1).amax(dim=1)
-        ok = torch.isfinite(peak) & (peak <= bound)
-        new = torch.where(ok[:, None, None], new, old)
-        if rows == "all":
+        new, ok = accept_roots(solve(), old, options.eps, bank.root)
+        if every:
             bank.roots.copy_(new)
         else:
             bank.roots.index_copy_(0, rows, new)
         failures = self._failures.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
         failures += (~ok).sum()
-
-    def _due_rows(self, bank: Bank, group: dict[str, Any]) -> str | torch.Tensor | None:
-        """Rows of ``bank`` whose roots are refreshed this step: ``"all"``, an index tensor, or None."""
-        start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
-        steps = {int(self.state[member.param]["step"]) for member, _ in bank.members}
-        if len(steps) == 1:  # the usual case: decide for the whole bank at once
-            t = steps.pop()
-            if t < start:
-                return None
-            if t == start or (not group["stagger"] and t % frequency == 0):
-                return "all"
-            return bank.phase_rows(t % frequency, frequency) if group["stagger"] else None
-        due: list[int] = []
-        for first, (member, _) in zip(bank.member_rows(), bank.members):
-            t = int(self.state[member.param]["step"])
-            if t < start:
-                continue
-            if t == start or (not group["stagger"] and t % frequency == 0):
-                due.extend(range(first, first + member.count))
-            elif group["stagger"]:
-                phase = t % frequency
-                ordinals = bank.ordinals[first : first + member.count]
-                due.extend(first + k for k, o in enumerate(ordinals) if o % frequency == phase)
-        if not due:
-            return None
-        if len(due) == bank.rows:
-            return "all"
-        return torch.tensor(due, device=bank.factors.device)
 
     def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
         for group in self.param_groups:
@@ -525,74 +456,56 @@ class DASH(Optimizer):
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
 
     def _direction(self, stack: Stack) -> torch.Tensor:
-        """The step's update blocks ``lr · P`` of a stack (momentum and grafting applied).
+        """The step's update blocks ``lr · P`` of a stack (:func:`update_direction`).
 
         On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so
         the ten or so elementwise passes over each chunk run in cache; the result is the same.
         """
-        group = self.param_groups[stack.group]
+        group = self.param_groups[stack.group_index]
         beta1, beta2 = group["betas"]
         correct = group["bias_correction"]
         start = group["start_preconditioning_step"]
+        values = functools.partial(
+            row_values, self._steps(stack.runs), [run.count for run in stack.runs], device=stack.grad.device
+        )
         per_row = {
-            "bias1": self._row_values(stack, lambda t: 1 - beta1**t) if correct and beta1 > 0 else None,
-            "bias2": self._row_values(stack, lambda t: 1 - beta2**t) if correct else 1.0,
-            "started": self._row_values(stack, lambda t: t >= start),
+            "bias1": values(lambda t: 1 - beta1**t) if correct and beta1 > 0 else None,
+            "bias2": values(lambda t: 1 - beta2**t) if correct else 1.0,
+            "started": values(lambda t: t >= start),
         }
+        first_moment = stack.tensors["grad_ema"] if beta1 > 0 else stack.grad
+        left, right = stack.roots("left"), stack.roots("right")
+        moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
+
+        def rows_direction(rows: slice, values: dict[str, Any]) -> torch.Tensor:
+            g_hat = first_moment[rows]
+            if values["bias1"] is not None:
+                g_hat = g_hat / values["bias1"]
+            direction = update_direction(
+                g_hat,
+                None if moment is None else moment[rows],
+                None if left is None else left[rows],
+                None if right is None else right[rows],
+                None if buffer is None else buffer[rows],
+                grafting=group["grafting"],
+                eps=group["eps"],
+                bias2=values["bias2"],
+                started=values["started"],
+                momentum=group["momentum"],
+                nesterov=group["nesterov"],
+            )
+            return direction * group["lr"]
+
         size = matrices_per_chunk(stack.grad, CPU_CHUNK_ELEMENTS)
         if size >= stack.rows:
-            return self._direction_rows(stack, group, slice(None), per_row)
+            return rows_direction(slice(None), per_row)
         out = torch.empty_like(stack.grad)
         for first in range(0, stack.rows, size):
             rows = slice(first, first + size)
-            chunk = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
-            out[rows] = self._direction_rows(stack, group, rows, chunk)
+            out[rows] = rows_direction(
+                rows, {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
+            )
         return out
-
-    def _direction_rows(
-        self, stack: Stack, group: dict[str, Any], rows: slice, per_row: dict[str, Any]
-    ) -> torch.Tensor:
-        """:meth:`_direction` for the rows ``rows`` of a stack (``per_row`` already sliced)."""
-        beta1 = group["betas"][0]
-        g_hat = (stack.tensors["grad_ema"] if beta1 > 0 else stack.grad)[rows]
-        if per_row["bias1"] is not None:
-            g_hat = g_hat / per_row["bias1"]
-        moment = stack.tensors.get("moment")
-        direction = grafting_direction(
-            g_hat, None if moment is None else moment[rows], group["grafting"], group["eps"], per_row["bias2"]
-        )
-        started = per_row["started"]
-        if stack.left is not None or stack.right is not None:
-            if started is not False:
-                left, right = _roots(stack.left, stack.rows), _roots(stack.right, stack.rows)
-                U = precondition(
-                    g_hat, None if left is None else left[rows], None if right is None else right[rows]
-                )
-                shampoo = U if group["grafting"] == "none" else graft(U, direction)
-                direction = shampoo if started is True else torch.where(started, shampoo, direction)
-            elif group["grafting"] == "none":
-                direction = g_hat
-        mu = group["momentum"]
-        if mu > 0:
-            buffer = stack.tensors["momentum"][rows]
-            buffer.mul_(mu).add_(direction)
-            direction = direction.add(buffer, alpha=mu) if group["nesterov"] else buffer.clone()
-        return direction * group["lr"]
-
-
-# A refreshed root with an entry above ROOT_BOUND_SLACK · root_eps^(-1/p) counts as a failure.
-ROOT_BOUND_SLACK = 100.0
-
-# On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
-# elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
-CPU_CHUNK_ELEMENTS = 1 << 18
-
-
-def _roots(location: tuple[Bank, int] | None, rows: int) -> torch.Tensor | None:
-    if location is None:
-        return None
-    bank, first = location
-    return bank.roots[first : first + rows]
 
 
 def _restore(key: str, value: Any, device: torch.device) -> Any:
@@ -601,34 +514,6 @@ def _restore(key: str, value: Any, device: torch.device) -> Any:
     if key == "step":
         return value.detach().to(device="cpu", dtype=torch.int64).clone()
     return value.detach().to(device=device, dtype=torch.float32).clone()
-
-
-def _gather_gradients(stack: Stack, maximize: bool) -> None:
-    row = 0
-    for member in stack.members:
-        rows = stack.grad[row : row + member.count]
-        if member.param.grad is None:
-            rows.zero_()
-        else:
-            member.gather(member.param.grad, rows)
-        row += member.count
-    if maximize:
-        stack.grad.neg_()
-
-
-def _signature(groups: list[dict[str, Any]]) -> tuple:
-    return tuple(tuple(_freeze(group[key]) for key in _LAYOUT_KEYS) for group in groups)
-
-
-def _freeze(value: Any) -> Any:
-    return float(value) if isinstance(value, torch.Tensor) else value
-
-
-def _group_kind(group: Any) -> str:
-    """``"none"`` (no distribution), ``"default"`` (the default group) or ``"custom"``."""
-    if group is None:
-        return "none"
-    return "default" if group is torch.distributed.group.WORLD else "custom"
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -672,322 +557,3 @@ def _check_group(group: dict[str, Any]) -> None:
         check_number("matrix_root", root, low=1, integer=True)
         if group["root_method"] == "ndb" and root & (root - 1):
             raise ValueError(f"matrix_root must be 1 or a power of two with root_method 'ndb'; got {root}")
-
-
-class _Plan:
-    """The stacks and banks of all parameters that have state, bound to ``optimizer.state``."""
-
-    def __init__(self, signature: tuple) -> None:
-        self.exchange: _Exchange | None = None
-        self.ownership: distributed.Ownership | None = None
-        self.stacks: list[Stack] = []
-        self.banks: list[Bank] = []
-        self.params: list[torch.Tensor] = []
-        self.signature = signature
-
-    def covers(self, active: set[torch.Tensor]) -> bool:
-        """True when every parameter with a gradient already has its blocks in the plan."""
-        return active.issubset(self.param_set)
-
-    @classmethod
-    def build(cls, optimizer: DASH, active: set[torch.Tensor]) -> _Plan:
-        """Plan every parameter that has state or a gradient now, and bind the state buffers.
-
-        Pass 1 puts each region (or, without stacking, each block) into the stack of its scope and
-        block shape; pass 2 appends each stack's factors to the bank of its scope, factor size and
-        root, stack by stack, so every stack sees its factors as contiguous bank rows.
-        """
-        plan = cls(_signature(optimizer.param_groups))
-        rank, world_size = distributed.world(optimizer._group)
-        # Ownership is planned over every parameter, with a gradient yet or not, so that it stays
-        # the same when a parameter starts later.
-        regions = []  # canonical order: (group, param index, param, blocking, region, has state)
-        fingerprint = []
-        for g_index, group in enumerate(optimizer.param_groups):
-            for p_index, p in enumerate(group["params"]):
-                # Reading optimizer.state[p] would create an empty entry for a parameter without
-                # a gradient; torch's optimizers create none.
-                state = optimizer.state[p] if p in optimizer.state or p in active else {}
-                used = p.numel() > 0 and (p in active or "step" in state)
-                fingerprint.append((g_index, p_index, tuple(p.shape), used))
-                if p.numel() == 0:
-                    continue
-                if used:
-                    plan.params.append(p)
-                    state.setdefault("step", torch.zeros((), dtype=torch.int64))
-                blocking = BlockPlan.build(p.shape, group["block_size"], group["one_dim"])
-                for r_index, region in enumerate(blocking.regions):
-                    if used:
-                        _check_region(state, r_index, region.block, p.shape)
-                    regions.append((g_index, p_index, p, blocking, r_index, used))
-        distributed.check_same_everywhere(optimizer._group, [*fingerprint, plan.signature])
-        costs = []
-        for g_index, _, _, blocking, r_index, _ in regions:
-            group = optimizer.param_groups[g_index]
-            region = blocking.regions[r_index]
-            sides = [size for _, size in blocking.sides(region)]
-            root = _matrix_root(group, len(sides))
-            cost = distributed.block_cost(
-                region.block, sides, group["precondition_frequency"], _solver_matmuls(group, root)
-            )
-            costs.extend([cost] * region.count)
-        plan.ownership = distributed.Ownership(distributed.split_costs(costs, world_size), costs)
-
-        stacks: dict[tuple, Stack] = {}
-        ordinals: dict[tuple[int, str], range] = {}  # (id(member), side) -> factor ordinals
-        remote: list[list[Member]] = [[] for _ in range(world_size)]
-        next_block = next_ordinal = 0
-        for g_index, p_index, p, blocking, r_index, used in regions:
-            region = blocking.regions[r_index]
-            sides = blocking.sides(region)
-            chunks = plan.ownership.chunks(next_block, region.count) if used else []
-            mine = [(first, count) for owner, first, count in chunks if owner == rank]
-            if used:
-                _keep_owned_rows(optimizer.state[p], r_index, region.count, *(mine[0] if mine else (0, 0)))
-            for owner, owned_first, owned_count in chunks:
-                remote[owner].append(Member(p, blocking, r_index, owned_first, owned_count))
-                if owner != rank:
-                    continue
-                per_block = optimizer.stacking == "none"
-                runs = [(k, 1) for k in range(owned_count)] if per_block else [(0, owned_count)]
-                for offset, count in runs:
-                    first = owned_first + offset
-                    member = Member(p, blocking, r_index, first, count, owned_first, owned_count)
-                    scope = _scope(optimizer.stacking, g_index, p_index, r_index, first)
-                    key = (scope, p.device, region.block)
-                    if key not in stacks:
-                        stacks[key] = Stack(region.block, g_index, scope)
-                    stacks[key].add(member)
-                    for s_index, (side, _) in enumerate(sides):
-                        start = next_ordinal + s_index * region.count + first
-                        ordinals[id(member), side] = range(start, start + count)
-            next_block += region.count
-            next_ordinal += len(sides) * region.count
-        plan.stacks = list(stacks.values())
-        banks: dict[tuple, Bank] = {}
-        for stack in plan.stacks:
-            group = optimizer.param_groups[stack.group]
-            first_member = stack.members[0]
-            region = first_member.plan.regions[first_member.region]
-            sides = first_member.plan.sides(region)
-            root = _matrix_root(group, len(sides))
-            for side, size in sides:
-                bank_key = ((stack.scope, side) if optimizer.stacking == "none" else stack.scope, size, root)
-                bank = banks.get(bank_key)
-                if bank is None:
-                    bank = banks[bank_key] = Bank(size, root, stack.group)
-                first_row = None
-                for member in stack.members:
-                    row = bank.add(member, side, ordinals[id(member), side])
-                    first_row = row if first_row is None else first_row
-                setattr(stack, side, (bank, first_row))
-        plan.banks = list(banks.values())
-        plan.param_set = set(plan.params)
-        plan._bind(optimizer)
-        if world_size > 1:
-            dtype = COMMUNICATION[optimizer.communication]
-            plan.exchange = _Exchange(plan.stacks, remote, rank, dtype)
-        return plan
-
-    def _bind(self, optimizer: DASH) -> None:
-        """Allocate (or view) every stack and bank buffer from the per-parameter region tensors."""
-        for bank in self.banks:
-            factors, roots = [], []
-            for member, side in bank.members:
-                state = optimizer.state[member.param]
-                shape = (member.owned_count, bank.size, bank.size)
-                device, first = member.param.device, member.first - member.owned_first
-                factors.append((state, f"{side}.{member.region}", first, member.count, _zeros(shape, device)))
-                roots.append(
-                    (state, f"{side}_root.{member.region}", first, member.count, _eyes(shape, device))
-                )
-            bank.factors = bind(factors)
-            bank.roots = bind(roots)
-        for stack in self.stacks:
-            group = optimizer.param_groups[stack.group]
-            device = stack.members[0].param.device
-            for kind in _elementwise_kinds(group):
-                entries = []
-                for member in stack.members:
-                    shape = (member.owned_count, *stack.shape)
-                    key = f"{kind}.{member.region}"
-                    state = optimizer.state[member.param]
-                    first = member.first - member.owned_first
-                    entries.append((state, key, first, member.count, _zeros(shape, device)))
-                stack.tensors[kind] = bind(entries)
-            stack.grad = torch.empty(stack.rows, *stack.shape, device=device)
-
-    def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of every state row that belongs to ``params`` (restored by :meth:`restore_rows`)."""
-        wanted = set(params)
-        saved = []
-        for stack in self.stacks:
-            rows = _member_first_rows(stack.members)
-            for first, member in zip(rows, stack.members):
-                if member.param in wanted:
-                    for tensor in stack.tensors.values():
-                        view = tensor[first : first + member.count]
-                        saved.append((view, view.clone()))
-        for bank in self.banks:
-            for first, (member, _) in zip(bank.member_rows(), bank.members):
-                if member.param in wanted:
-                    for tensor in (bank.factors, bank.roots):
-                        view = tensor[first : first + member.count]
-                        saved.append((view, view.clone()))
-        return saved
-
-    @staticmethod
-    def restore_rows(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write back the rows copied by :meth:`save_rows`."""
-        for view, copy in saved:
-            view.copy_(copy)
-
-
-def _member_first_rows(members: list[Member]) -> list[int]:
-    rows, row = [], 0
-    for member in members:
-        rows.append(row)
-        row += member.count
-    return rows
-
-
-def _elementwise_kinds(group: dict[str, Any]) -> list[str]:
-    kinds = []
-    if group["betas"][0] > 0:
-        kinds.append("grad_ema")
-    if group["grafting"] in ("adam", "rmsprop", "adagrad"):
-        kinds.append("moment")
-    if group["momentum"] > 0:
-        kinds.append("momentum")
-    return kinds
-
-
-def _zeros(shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
-    return lambda: torch.zeros(shape, device=device, dtype=torch.float32)
-
-
-def _eyes(shape: tuple[int, ...], device: torch.device) -> Callable[[], torch.Tensor]:
-    return lambda: torch.eye(shape[-1], device=device, dtype=torch.float32).expand(shape).clone()
-
-
-def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tuple:
-    if stacking == "global":
-        return (group,)
-    if stacking == "layer":
-        return (group, param)
-    return (group, param, region, first)
-
-
-def _check_region(state: dict, region: int, block: tuple[int, int], shape: torch.Size) -> None:
-    tensor = state.get(f"grad_ema.{region}", state.get(f"moment.{region}"))
-    if tensor is not None and tuple(tensor.shape[1:]) != block:
-        raise ValueError(
-            f"the saved state of a parameter of shape {tuple(shape)} has blocks of shape "
-            f"{tuple(tensor.shape[1:])}, but block_size now gives {block}; load it with the block_size "
-            "it was saved with"
-        )
-
-
-def _keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int) -> None:
-    """Cut whole-region tensors (loaded or regathered) down to the rows this rank owns (maybe none)."""
-    suffix = f".{region}"
-    for key, tensor in list(state.items()):
-        if not key.endswith(suffix):
-            continue
-        if owned == 0:
-            del state[key]
-        elif tensor.shape[0] == count and owned != count:
-            state[key] = tensor[first : first + owned].clone()
-
-
-def _matrix_root(group: dict[str, Any], sides: int) -> int:
-    """``p`` of a block's factors: the group's ``matrix_root``, else 4 with two sides and 2 with one."""
-    return group["matrix_root"] or (4 if sides == 2 else 2)
-
-
-def _root_options(group: dict[str, Any]) -> RootOptions:
-    """The inverse-root options of a parameter group."""
-    return RootOptions(
-        method=group["root_method"],
-        eps=group["root_eps"],
-        eigen_fix=group["eigen_fix"],
-        steps=group["root_steps"],
-        tol=group["root_tol"],
-        scaling=group["scaling"],
-        scaling_steps=group["scaling_steps"],
-        num_vectors=group["num_vectors"],
-        safety=group["safety"],
-        precision=group["precision"],
-        degree=group["chebyshev_degree"],
-        interval_lower=group["chebyshev_interval_lower"],
-    )
-
-
-def _solver_matmuls(group: dict[str, Any], p: int) -> int:
-    """The n×n matmuls of one root refresh (:func:`root_matmuls`); eigh, which is not made of
-    matmuls, is counted as a rough 20."""
-    count = root_matmuls(group["root_method"], p, steps=group["root_steps"], degree=group["chebyshev_degree"])
-    return 20 if count is None else count
-
-
-class _Exchange:
-    """The flat all-gather of update blocks: each rank packs its members' updates in canonical
-    order into a buffer of the largest rank's size; every rank then applies every rank's part."""
-
-    def __init__(
-        self, stacks: list[Stack], remote: list[list[Member]], rank: int, dtype: torch.dtype
-    ) -> None:
-        self.remote = remote
-        self.sizes = [sum(m.count * math.prod(m.plan.regions[m.region].block) for m in ms) for ms in remote]
-        self.width = max(self.sizes)
-        self.dtype = dtype
-        # Where each of this rank's stack members goes in the send buffer.
-        offsets: dict[tuple[int, int, int], int] = {}
-        offset = 0
-        for member in remote[rank]:
-            offsets[id(member.param), member.region, member.first] = offset
-            offset += member.count * math.prod(member.plan.regions[member.region].block)
-        self.placements = []
-        for stack in stacks:
-            size = math.prod(stack.shape)
-            places = []
-            for member in stack.members:
-                base = offsets[id(member.param), member.region, member.owned_first]
-                places.append(base + (member.first - member.owned_first) * size)
-            self.placements.append(places)
-
-    @property
-    def bytes_per_step(self) -> int:
-        """Bytes each rank receives per step from the all-gather."""
-        return self.width * len(self.remote) * torch.empty((), dtype=self.dtype).element_size()
-
-    def run(
-        self,
-        group: Any,
-        stacks: list[Stack],
-        updates: list[torch.Tensor],
-        targets: dict[torch.Tensor, torch.Tensor],
-        active: set[torch.Tensor],
-    ) -> None:
-        """Exchange the updates and subtract every rank's blocks from the parameters."""
-        device = next(iter(targets.values())).device
-        send = torch.zeros(self.width, dtype=self.dtype, device=device)
-        for stack, update, places in zip(stacks, updates, self.placements):
-            row = 0
-            for member, place in zip(stack.members, places):
-                if member.param in active:
-                    size = member.count * math.prod(stack.shape)
-                    send[place : place + size].view(member.count, *stack.shape).copy_(
-                        update[row : row + member.count]
-                    )
-                row += member.count
-        received = distributed.all_gather_updates(group, send)
-        for rank, members in enumerate(self.remote):
-            offset = rank * self.width
-            for member in members:
-                block = member.plan.regions[member.region].block
-                size = member.count * math.prod(block)
-                if member.param in active:
-                    update = received[offset : offset + size].view(member.count, *block)
-                    member.subtract_from(targets[member.param], update)
-                offset += size

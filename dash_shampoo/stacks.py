@@ -1,52 +1,60 @@
 """Blocks of equal shape become stacks ``(S, m, n)``; factors of equal size become banks ``(K, s, s)``.
 
-Both are built from *members*: a member is a run of consecutive blocks of one region of one
-parameter. The per-parameter state (``optimizer.state[p]``) keeps one tensor per region and kind
-(``"grad_ema.0"``, ``"left.1"``, ...), so it does not depend on how blocks are stacked. A stack
-or bank with several members owns one buffer and the members' region tensors become views of
-its rows; one with a single member is itself a view of that member's region tensor. Either way
-nothing is copied during a step.
+Both are built from *runs*: a run is a range of consecutive blocks of one region of one parameter,
+and it remembers the first row it occupies. The per-parameter state (``optimizer.state[p]``) keeps
+one tensor per region and kind (``"grad_ema.0"``, ``"left.1"``, ...), so it does not depend on how
+blocks are stacked. A stack or bank with several runs owns one buffer and the runs' region tensors
+become views of its rows; one with a single run is itself a view of that run's region tensor.
+Either way nothing is copied during a step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .blocking import BlockPlan
+from .blocking import Blocking
+from .preconditioner import due_rows
 
 
 @dataclass
-class Member:
+class BlockRun:
     """Blocks ``[first, first + count)`` of region ``region`` of parameter ``param``.
 
-    The member's state rows live in the region tensors of the blocks this rank owns,
-    ``[owned_first, owned_first + owned_count)`` (the whole region without distribution).
+    The run's state rows live in the region tensors of the blocks this rank owns,
+    ``[owned_first, owned_first + owned_count)`` (the whole region without distribution). ``row``
+    is the run's first row in its stack (set by :meth:`Stack.add`).
     """
 
     param: torch.Tensor
-    plan: BlockPlan
+    blocking: Blocking
     region: int
     first: int
     count: int
     owned_first: int = 0
     owned_count: int = -1
+    row: int = 0
 
     def __post_init__(self) -> None:
         if self.owned_count < 0:
-            self.owned_count = self.plan.regions[self.region].count
+            self.owned_count = self.blocking.regions[self.region].count
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """The shape of the run's blocks."""
+        return self.blocking.regions[self.region].block
 
     @property
     def whole_region(self) -> bool:
-        """True when the member covers every block of its region."""
-        return self.first == 0 and self.count == self.plan.regions[self.region].count
+        """True when the run covers every block of its region."""
+        return self.first == 0 and self.count == self.blocking.regions[self.region].count
 
     def gather(self, source: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy this member's blocks of ``source`` (the parameter's shape) into ``out`` (count, m, n)."""
-        region = self.plan.regions[self.region]
-        matrix = source.reshape(self.plan.matrix_shape)
+        """Copy this run's blocks of ``source`` (the parameter's shape) into ``out`` (count, m, n)."""
+        region = self.blocking.regions[self.region]
+        matrix = source.reshape(self.blocking.matrix_shape)
         if self.whole_region:
             out.view(region.grid[0], region.grid[1], *region.block).copy_(
                 region.view(matrix).permute(0, 2, 1, 3)
@@ -56,9 +64,9 @@ class Member:
                 out[k].copy_(region.block_view(matrix, self.first + k))
 
     def subtract_from(self, target: torch.Tensor, update: torch.Tensor) -> None:
-        """``target_blocks -= update`` for this member's blocks; ``target`` is a contiguous tensor."""
-        region = self.plan.regions[self.region]
-        matrix = target.view(self.plan.matrix_shape)
+        """``target_blocks -= update`` for this run's blocks; ``target`` is a contiguous tensor."""
+        region = self.blocking.regions[self.region]
+        matrix = target.view(self.blocking.matrix_shape)
         if self.whole_region:
             gr, gc = region.grid
             region.view(matrix).sub_(update.view(gr, gc, *region.block).permute(0, 2, 1, 3))
@@ -72,9 +80,9 @@ class Stack:
     """All blocks of one shape ``(m, n)`` in one scope, with their elementwise state."""
 
     shape: tuple[int, int]
-    group: int
+    group_index: int
     scope: tuple
-    members: list[Member] = field(default_factory=list)
+    runs: list[BlockRun] = field(default_factory=list)
     rows: int = 0
     # Where this stack's left and right factors sit in their banks: (bank, first row), or None when
     # that side is not preconditioned (a side of size 1).
@@ -83,11 +91,51 @@ class Stack:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     grad: torch.Tensor | None = None  # the gathered gradient blocks of this step
 
-    def add(self, member: Member) -> int:
-        """Append ``member``; returns its first row in the stack."""
-        self.members.append(member)
-        self.rows += member.count
-        return self.rows - member.count
+    def add(self, run: BlockRun) -> None:
+        """Append ``run`` as the stack's next rows (``run.row`` becomes its first row)."""
+        run.row = self.rows
+        self.runs.append(run)
+        self.rows += run.count
+
+    def of(self, run: BlockRun, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of ``tensor`` (a stack-sized tensor) that belong to ``run``."""
+        return tensor[run.row : run.row + run.count]
+
+    def roots(self, side: str) -> torch.Tensor | None:
+        """The current inverse roots of this stack's ``side`` factors, ``(S, s, s)``, or None."""
+        location = self.left if side == "left" else self.right
+        if location is None:
+            return None
+        bank, first = location
+        return bank.roots[first : first + self.rows]
+
+    def factors(self, side: str) -> torch.Tensor | None:
+        """This stack's ``side`` factors, ``(S, s, s)`` (a view of the bank), or None."""
+        location = self.left if side == "left" else self.right
+        if location is None:
+            return None
+        bank, first = location
+        return bank.factors[first : first + self.rows]
+
+    def gather_gradients(self, maximize: bool) -> None:
+        """Copy every run's gradient blocks into :attr:`grad` (zeros for a parameter without one)."""
+        for run in self.runs:
+            rows = self.of(run, self.grad)
+            if run.param.grad is None:
+                rows.zero_()
+            else:
+                run.gather(run.param.grad, rows)
+        if maximize:
+            self.grad.neg_()
+
+
+@dataclass
+class BankRow:
+    """A run's factors of one side in a bank, from row ``row`` on."""
+
+    run: BlockRun
+    side: str
+    row: int
 
 
 @dataclass
@@ -100,57 +148,61 @@ class Bank:
 
     size: int
     root: int
-    group: int
-    members: list[tuple[Member, str]] = field(default_factory=list)
+    group_index: int
+    entries: list[BankRow] = field(default_factory=list)
     rows: int = 0
     factors: torch.Tensor | None = None
     roots: torch.Tensor | None = None
-    # Per row: the factor's ordinal in the whole plan (stacking-independent; for staggering).
+    # Per row: the factor's ordinal in the whole layout (stacking-independent; for staggering).
     ordinals: list[int] = field(default_factory=list)
-    _phase_cache: dict = field(default_factory=dict)
+    _due: dict[tuple[int, ...], torch.Tensor | str | None] = field(default_factory=dict)
 
-    def add(self, member: Member, side: str, ordinals: range) -> int:
-        """Append ``member``'s factors of ``side``; returns the first row they occupy."""
-        self.members.append((member, side))
+    def add(self, run: BlockRun, side: str, ordinals: range) -> int:
+        """Append ``run``'s factors of ``side``; returns the first row they occupy."""
+        self.entries.append(BankRow(run, side, self.rows))
         self.ordinals.extend(ordinals)
-        self.rows += member.count
-        return self.rows - member.count
+        self.rows += run.count
+        return self.rows - run.count
 
-    def phase_rows(self, phase: int, frequency: int) -> torch.Tensor | str | None:
-        """Rows refreshed at phase ``phase`` of a staggered window of ``frequency`` steps: those
-        whose ordinal is ``phase`` modulo ``frequency`` (an index tensor, ``"all"`` or None)."""
-        key = (phase, frequency)
-        if key not in self._phase_cache:
-            rows = [row for row, ordinal in enumerate(self.ordinals) if ordinal % frequency == phase]
+    def rows_by_run(self) -> Iterator[tuple[BlockRun, range]]:
+        """Each run of the bank with the rows its factors occupy."""
+        for entry in self.entries:
+            yield entry.run, range(entry.row, entry.row + entry.run.count)
+
+    def due_rows(
+        self, steps: list[int], start: int, frequency: int, stagger: bool
+    ) -> torch.Tensor | str | None:
+        """The rows whose roots are refreshed when the entries' parameters are at ``steps`` (one per
+        entry; :func:`~dash_shampoo.preconditioner.due_rows`): ``"all"``, an index tensor or None.
+
+        The answer depends on each step only through ``(t if t <= start else t mod frequency)``,
+        so it is computed once per pattern and cached.
+        """
+        key = tuple(t if t <= start else -1 - t % frequency for t in steps)
+        if key not in self._due:
+            per_row = [t for entry, t in zip(self.entries, steps) for _ in range(entry.run.count)]
+            rows = due_rows(per_row, self.ordinals, start, frequency, stagger)
             if not rows:
-                self._phase_cache[key] = None
+                self._due[key] = None
             elif len(rows) == self.rows:
-                self._phase_cache[key] = "all"
+                self._due[key] = "all"
             else:
-                self._phase_cache[key] = torch.tensor(rows, device=self.factors.device)
-        return self._phase_cache[key]
-
-    def member_rows(self) -> list[int]:
-        """First row of each member, in member order."""
-        rows, row = [], 0
-        for member, _ in self.members:
-            rows.append(row)
-            row += member.count
-        return rows
+                self._due[key] = torch.tensor(rows, device=self.factors.device)
+        return self._due[key]
 
 
 def bind(entries: list[tuple[dict, str, int, int, Callable[[], torch.Tensor]]]) -> torch.Tensor:
-    """Give a stack or bank one buffer over its members' region tensors, and re-point them to it.
+    """Give a stack or bank one buffer over its runs' region tensors, and re-point them to it.
 
     Args:
-        entries: per member ``(state, key, first, count, make)``: ``state[key]`` is the member's
-            whole-region tensor (created by ``make()`` when missing), of which the member covers
-            rows ``[first, first + count)``.
+        entries: per run ``(state, key, first, count, make)``: ``state[key]`` is the run's
+            whole-region tensor (created by ``make()`` when missing), of which the run covers rows
+            ``[first, first + count)``.
 
     Returns:
-        The buffer. With one member it is a view of that member's region tensor; otherwise the
-        members' rows are concatenated into a new buffer and each region tensor is replaced by a
-        view of its rows (valid because each member then covers its whole region).
+        The buffer. With one run it is a view of that run's region tensor; otherwise the runs'
+        rows are concatenated into a new buffer and each region tensor is replaced by a view of
+        its rows (valid because each run then covers its whole region).
     """
     pieces = []
     for state, key, first, count, make in entries:

@@ -69,7 +69,7 @@ def scenario_train(rank: int, world: int, out_dir: str) -> dict:
     model = mixed_model()
     optimizer = DASH(model.parameters(), **OPTIONS)
     train(model, optimizer, range(1, 7))
-    plan = optimizer._plan
+    plan = optimizer._layout
     # process_group=False: this rank computes every block, exactly as one process would.
     local_model = mixed_model()
     local = DASH(local_model.parameters(), process_group=False, **OPTIONS)
@@ -102,7 +102,7 @@ def scenario_tiny(rank: int, world: int, out_dir: str) -> dict:
             loss = loss + (model.v**2).sum()
         loss.backward()
         optimizer.step()
-    owned = sum(stack.rows for stack in optimizer._plan.stacks)
+    owned = sum(stack.rows for stack in optimizer._layout.stacks)
     return {"params": flat(model), "owned": owned}
 
 

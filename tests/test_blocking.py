@@ -1,4 +1,4 @@
-"""BlockPlan: matrix views, regions (full, edge, corner), sides, and exact cut/put-back round trips."""
+"""Blocking: matrix views, regions (full, edge, corner), sides, and exact cut/put-back round trips."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dash_shampoo.blocking import BlockPlan
+from dash_shampoo.blocking import Blocking
 
 SHAPES = [(), (1,), (7,), (1, 9), (16, 16), (17, 33), (33, 17), (5, 3), (4, 3, 2, 2), (1, 1, 5), (9, 1)]
 
@@ -18,7 +18,7 @@ SHAPES = [(), (1,), (7,), (1, 9), (16, 16), (17, 33), (33, 17), (5, 3), (4, 3, 2
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 5, 16, 17, 100])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_exact(shape, block_size, one_dim):
-    plan = BlockPlan.build(shape, block_size, one_dim)
+    plan = Blocking.build(shape, block_size, one_dim)
     x = torch.randn(shape)
     blocks = plan.to_blocks(x)
     assert len(blocks) == len(plan.regions)
@@ -39,7 +39,7 @@ def test_round_trip_exact(shape, block_size, one_dim):
     one_dim=st.sampled_from(["shampoo", "adam"]),
 )
 def test_round_trip_hypothesis(shape, block_size, one_dim):
-    plan = BlockPlan.build(shape, block_size, one_dim)
+    plan = Blocking.build(shape, block_size, one_dim)
     x = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
     blocks = plan.to_blocks(x)
     assert torch.equal(plan.from_blocks(blocks), x)
@@ -79,7 +79,7 @@ def test_round_trip_hypothesis(shape, block_size, one_dim):
     ],
 )
 def test_matrix_view(shape, one_dim, matrix_shape, preconditioned):
-    plan = BlockPlan.build(shape, 4, one_dim)
+    plan = Blocking.build(shape, 4, one_dim)
     assert plan.matrix_shape == matrix_shape
     assert plan.preconditioned is preconditioned
     assert plan.shape == tuple(shape)
@@ -90,7 +90,7 @@ def _regions(plan):
 
 
 def test_regions_full_edge_corner():
-    plan = BlockPlan.build((17, 33), 16, "shampoo")
+    plan = Blocking.build((17, 33), 16, "shampoo")
     assert _regions(plan) == [
         (0, 0, (1, 2), (16, 16)),  # full
         (0, 32, (1, 1), (16, 1)),  # right edge
@@ -107,7 +107,7 @@ def test_regions_full_edge_corner():
 
 
 def test_regions_tall():
-    plan = BlockPlan.build((33, 17), 16, "shampoo")
+    plan = Blocking.build((33, 17), 16, "shampoo")
     assert _regions(plan) == [
         (0, 0, (2, 1), (16, 16)),
         (0, 16, (2, 1), (16, 1)),
@@ -118,7 +118,7 @@ def test_regions_tall():
 
 @pytest.mark.parametrize("shape", [(16, 16), (32, 48)])
 def test_divisible_has_only_full_blocks(shape):
-    plan = BlockPlan.build(shape, 16, "shampoo")
+    plan = Blocking.build(shape, 16, "shampoo")
     assert len(plan.regions) == 1
     assert plan.regions[0].block == (16, 16)
     assert plan.num_blocks == (shape[0] // 16) * (shape[1] // 16)
@@ -128,40 +128,40 @@ def test_divisible_has_only_full_blocks(shape):
     ("shape", "block"), [((5, 3), (5, 3)), ((4, 3, 2, 2), (4, 12)), ((15, 15), (15, 15))]
 )
 def test_smaller_than_block_is_one_corner(shape, block):
-    plan = BlockPlan.build(shape, 16, "shampoo")
+    plan = Blocking.build(shape, 16, "shampoo")
     assert _regions(plan) == [(0, 0, (1, 1), block)]
     assert plan.sides(plan.regions[0]) == [("left", block[0]), ("right", block[1])]
 
 
 def test_vector_chunks_left_factor_only():
-    plan = BlockPlan.build((10,), 4, "shampoo")
+    plan = Blocking.build((10,), 4, "shampoo")
     assert _regions(plan) == [(0, 0, (2, 1), (4, 1)), (8, 0, (1, 1), (2, 1))]
     assert [plan.sides(r) for r in plan.regions] == [[("left", 4)], [("left", 2)]]
     # a rest chunk of length 1 gets no factor
-    plan = BlockPlan.build((9,), 4, "shampoo")
+    plan = Blocking.build((9,), 4, "shampoo")
     assert [plan.sides(r) for r in plan.regions] == [[("left", 4)], []]
 
 
 def test_vector_one_dim_adam_is_one_unpreconditioned_block():
-    plan = BlockPlan.build((10,), 4, "adam")
+    plan = Blocking.build((10,), 4, "adam")
     assert _regions(plan) == [(0, 0, (1, 1), (1, 10))]
     assert plan.sides(plan.regions[0]) == []
     # one_dim does not change matrices
-    assert _regions(BlockPlan.build((10, 6), 4, "adam")) == _regions(BlockPlan.build((10, 6), 4, "shampoo"))
+    assert _regions(Blocking.build((10, 6), 4, "adam")) == _regions(Blocking.build((10, 6), 4, "shampoo"))
 
 
 def test_scalar_and_block_size_one():
-    plan = BlockPlan.build((), 4, "shampoo")
+    plan = Blocking.build((), 4, "shampoo")
     assert _regions(plan) == [(0, 0, (1, 1), (1, 1))]
     assert plan.sides(plan.regions[0]) == []
-    plan = BlockPlan.build((3, 2), 1, "shampoo")
+    plan = Blocking.build((3, 2), 1, "shampoo")
     assert _regions(plan) == [(0, 0, (3, 2), (1, 1))]
     assert plan.sides(plan.regions[0]) == []
 
 
 def test_blocks_are_row_major_over_the_grid():
     x = torch.arange(8 * 12.0).reshape(8, 12)
-    plan = BlockPlan.build((8, 12), 4, "shampoo")
+    plan = Blocking.build((8, 12), 4, "shampoo")
     (stack,) = plan.to_blocks(x)
     assert stack.shape == (6, 4, 4)
     for k in range(6):
@@ -172,7 +172,7 @@ def test_blocks_are_row_major_over_the_grid():
 @pytest.mark.parametrize("shape", [(6, 6), (4, 4), (8, 4)])
 def test_to_blocks_copies(shape):
     x = torch.randn(shape)
-    plan = BlockPlan.build(x.shape, 4, "shampoo")
+    plan = Blocking.build(x.shape, 4, "shampoo")
     for b in plan.to_blocks(x):
         b.zero_()
     assert (x != 0).all()
@@ -180,7 +180,7 @@ def test_to_blocks_copies(shape):
 
 def test_from_blocks_is_a_new_tensor():
     x = torch.randn(6, 6)
-    plan = BlockPlan.build(x.shape, 4, "shampoo")
+    plan = Blocking.build(x.shape, 4, "shampoo")
     blocks = [b.clone() for b in plan.to_blocks(x)]
     y = plan.from_blocks(blocks)
     y.zero_()
@@ -190,5 +190,5 @@ def test_from_blocks_is_a_new_tensor():
 
 def test_non_contiguous_input_round_trips():
     x = torch.randn(9, 7).T  # (7, 9), not contiguous
-    plan = BlockPlan.build(x.shape, 4, "shampoo")
+    plan = Blocking.build(x.shape, 4, "shampoo")
     assert torch.equal(plan.from_blocks(plan.to_blocks(x)), x)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..blocking import BlockPlan
+from ..blocking import Blocking
 
 Shape = tuple[int, ...]
 
@@ -111,11 +111,11 @@ def factor_counts(shapes: ModelShapes, block_size: int, one_dim: str = "shampoo"
     """Number of Shampoo factor matrices per side length that DASH builds at ``block_size``.
 
     Counts both sides of every block (a side of size 1 has no factor), as
-    :meth:`dash_shampoo.blocking.BlockPlan.sides` does; ``{n: count}`` sorted by ``n``.
+    :meth:`dash_shampoo.blocking.Blocking.sides` does; ``{n: count}`` sorted by ``n``.
     """
     counts: Counter[int] = Counter()
     for _, shape in shapes.shapes:
-        plan = BlockPlan.build(shape, block_size, one_dim)  # type: ignore[arg-type]
+        plan = Blocking.build(shape, block_size, one_dim)  # type: ignore[arg-type]
         for region in plan.regions:
             for _, size in plan.sides(region):
                 counts[size] += region.count

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .. import peers as peers_module
-from ..blocking import BlockPlan
+from ..blocking import Blocking
 from ..linalg import bmm, root_matmuls
 from ..optimizer import DASH, RootCall
 from ..results import command_text, device_name, device_slug, ms, spread, write_report
@@ -391,7 +391,7 @@ def _blocks(shapes: ModelShapes, block_size: int) -> list[tuple[int, int, int, l
     """``(count, m, n, factor sizes)`` per region of every parameter at ``block_size``."""
     out = []
     for _, shape in shapes.shapes:
-        plan = BlockPlan.build(shape, block_size, "shampoo")
+        plan = Blocking.build(shape, block_size, "shampoo")
         for region in plan.regions:
             out.append((region.count, *region.block, [size for _, size in plan.sides(region)]))
     return out

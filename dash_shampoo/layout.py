@@ -1,0 +1,414 @@
+"""The layout of one DASH optimizer: which blocks go into which stack, which factors into which bank.
+
+It is built in four passes from explicit inputs (the parameter groups, the per-parameter state,
+the parameters with a gradient now, the stacking mode, this rank and the world size):
+
+1. regions (:func:`collect_regions`): every parameter's blocking and regions, in the canonical
+   order (groups, parameters, regions), marking the parameters that are used (have state or a
+   gradient);
+2. ownership: each block's estimated cost, and the contiguous share of the canonical block
+   sequence each rank owns (:class:`dash_shampoo.distributed.Ownership`);
+3. stacks and banks: this rank's runs of blocks grouped by scope and block shape into stacks, and
+   each stack's factors appended, stack by stack, to the bank of their scope, size and root, so
+   every stack sees its factors as contiguous bank rows;
+4. bind: every stack and bank buffer allocated or viewed from the per-parameter state tensors.
+
+A parameter without a gradient yet still counts in the ownership (so ownership stays the same
+when it starts later) but gets no stack rows until it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import distributed
+from .blocking import Blocking
+from .linalg import RootOptions
+from .linalg.roots import root_matmuls
+from .stacks import Bank, BlockRun, Stack, bind
+
+# Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
+LAYOUT_KEYS = (
+    "block_size",
+    "one_dim",
+    "matrix_root",
+    "precondition_frequency",
+    "start_preconditioning_step",
+    "stagger",
+    "root_method",
+    "root_eps",
+    "root_steps",
+    "root_tol",
+    "scaling",
+    "scaling_steps",
+    "num_vectors",
+    "safety",
+    "precision",
+    "eigen_fix",
+    "chebyshev_degree",
+    "chebyshev_interval_lower",
+    "grafting",
+    "momentum",
+)
+
+
+def signature(groups: Sequence[dict[str, Any]]) -> tuple:
+    """The layout options of every group: a layout is rebuilt when this changes."""
+    return tuple(tuple(_freeze(group[key]) for key in LAYOUT_KEYS) for group in groups)
+
+
+def _freeze(value: Any) -> Any:
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def matrix_root(group: dict[str, Any], sides: int) -> int:
+    """``p`` of a block's factors: the group's ``matrix_root``, else 4 with two sides and 2 with one."""
+    return group["matrix_root"] or (4 if sides == 2 else 2)
+
+
+def elementwise_kinds(group: dict[str, Any]) -> list[str]:
+    """The per-block state a group keeps besides the factors: gradient EMA, second moment, momentum."""
+    kinds = []
+    if group["betas"][0] > 0:
+        kinds.append("grad_ema")
+    if group["grafting"] in ("adam", "rmsprop", "adagrad"):
+        kinds.append("moment")
+    if group["momentum"] > 0:
+        kinds.append("momentum")
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: regions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionEntry:
+    """One region of one parameter in the canonical order."""
+
+    group_index: int
+    param_index: int
+    param: torch.Tensor
+    blocking: Blocking
+    region: int
+    used: bool
+
+    @property
+    def count(self) -> int:
+        """Blocks in the region."""
+        return self.blocking.regions[self.region].count
+
+    @property
+    def sides(self) -> list[tuple[str, int]]:
+        """The region's preconditioned sides as ``(side, factor size)``."""
+        return self.blocking.sides(self.blocking.regions[self.region])
+
+
+@dataclass
+class Regions:
+    """Pass 1's result: the regions, the used parameters and a fingerprint that every rank must share."""
+
+    entries: list[RegionEntry] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+    fingerprint: list = field(default_factory=list)
+
+
+def collect_regions(
+    groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict], active: set[torch.Tensor]
+) -> Regions:
+    """Every parameter's regions in canonical order; a parameter is used when it has a gradient now
+    (``active``) or state from an earlier step. Changes nothing.
+
+    Raises:
+        ValueError: a used parameter's saved state has blocks of another shape than its blocking
+            now gives (it was saved with another ``block_size``).
+    """
+    regions = Regions()
+    for g_index, group in enumerate(groups):
+        for p_index, p in enumerate(group["params"]):
+            # Reading state[p] of a defaultdict would create an entry; torch's optimizers create none.
+            used = p.numel() > 0 and (p in active or (p in state and "step" in state[p]))
+            regions.fingerprint.append((g_index, p_index, tuple(p.shape), used))
+            if p.numel() == 0:
+                continue
+            if used:
+                regions.params.append(p)
+            blocking = Blocking.build(p.shape, group["block_size"], group["one_dim"])
+            for r_index, region in enumerate(blocking.regions):
+                if used and p in state:
+                    _check_region(state[p], r_index, region.block, p.shape)
+                regions.entries.append(RegionEntry(g_index, p_index, p, blocking, r_index, used))
+    regions.fingerprint.append(signature(groups))
+    return regions
+
+
+def _check_region(state: dict, region: int, block: tuple[int, int], shape: torch.Size) -> None:
+    tensor = state.get(f"grad_ema.{region}", state.get(f"moment.{region}"))
+    if tensor is not None and tuple(tensor.shape[1:]) != block:
+        raise ValueError(
+            f"the saved state of a parameter of shape {tuple(shape)} has blocks of shape "
+            f"{tuple(tensor.shape[1:])}, but block_size now gives {block}; load it with the block_size "
+            "it was saved with"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: ownership
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_ownership(
+    groups: Sequence[dict[str, Any]], regions: Regions, world_size: int
+) -> distributed.Ownership:
+    """Cut the canonical block sequence into ``world_size`` contiguous shares of nearly equal cost."""
+    costs = []
+    for entry in regions.entries:
+        group = groups[entry.group_index]
+        sides = [size for _, size in entry.sides]
+        cost = distributed.block_cost(
+            entry.blocking.regions[entry.region].block,
+            sides,
+            group["precondition_frequency"],
+            solver_matmuls(group, matrix_root(group, len(sides))),
+        )
+        costs.extend([cost] * entry.count)
+    return distributed.Ownership(distributed.split_costs(costs, world_size), costs)
+
+
+def solver_matmuls(group: dict[str, Any], p: int) -> int:
+    """The n×n matmuls of one root refresh (:func:`root_matmuls`); eigh, which is not made of
+    matmuls, is counted as a rough 20."""
+    count = root_matmuls(group["root_method"], p, steps=group["root_steps"], degree=group["chebyshev_degree"])
+    return 20 if count is None else count
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes 3 and 4: stacks, banks, bind
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """The stacks and banks of all used parameters, bound to the per-parameter state.
+
+    Attributes:
+        stacks, banks: this rank's stacks and banks.
+        params: the used parameters.
+        root_options: the inverse-root options of each group.
+        ownership: which rank owns which blocks.
+        rank, world_size: this rank and the number of ranks.
+        exchange: the update exchange between ranks (None with one rank).
+        signature: the group options the layout was built for (:func:`signature`).
+    """
+
+    stacks: list[Stack]
+    banks: list[Bank]
+    params: list[torch.Tensor]
+    root_options: list[RootOptions]
+    ownership: distributed.Ownership
+    rank: int
+    world_size: int
+    exchange: distributed.Exchange | None
+    signature: tuple
+
+    def covers(self, active: set[torch.Tensor]) -> bool:
+        """True when every parameter with a gradient already has its blocks in the layout."""
+        return active.issubset(self.params)
+
+    def apply(
+        self,
+        process_group: Any,
+        updates: list[torch.Tensor],
+        targets: dict[torch.Tensor, torch.Tensor],
+        active: set[torch.Tensor],
+    ) -> None:
+        """Subtract the update blocks of every rank's stacks (``updates``: this rank's, one per stack)
+        from the active parameters (``targets``: their contiguous tensors)."""
+        if self.exchange is not None:
+            self.exchange.run(process_group, self.stacks, updates, targets, active)
+            return
+        for stack, update in zip(self.stacks, updates):
+            for run in stack.runs:
+                if run.param in active:
+                    run.subtract_from(targets[run.param], stack.of(run, update))
+
+    def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of every state row that belongs to ``params`` (restored by :meth:`restore_rows`)."""
+        wanted = set(params)
+        views = [
+            stack.of(run, tensor)
+            for stack in self.stacks
+            for run in stack.runs
+            if run.param in wanted
+            for tensor in stack.tensors.values()
+        ]
+        views += [
+            tensor[rows.start : rows.stop]
+            for bank in self.banks
+            for run, rows in bank.rows_by_run()
+            if run.param in wanted
+            for tensor in (bank.factors, bank.roots)
+        ]
+        return [(view, view.clone()) for view in views]
+
+    @staticmethod
+    def restore_rows(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write back the rows copied by :meth:`save_rows`."""
+        for view, copy in saved:
+            view.copy_(copy)
+
+
+def build(
+    groups: Sequence[dict[str, Any]],
+    state: dict[torch.Tensor, dict],
+    regions: Regions,
+    stacking: str,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    exchange_dtype: torch.dtype = torch.float32,
+) -> Layout:
+    """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, this rank's stacks
+    and banks, and their buffers bound to ``state`` (which gains a ``step`` counter for every used
+    parameter, and loses the rows of loaded or regathered tensors that another rank owns). With
+    several ranks the updates are exchanged in ``exchange_dtype``."""
+    ownership = plan_ownership(groups, regions, world_size)
+    stacks, ordinals, runs_by_rank = _plan_stacks(regions, ownership, state, stacking, rank, world_size)
+    banks = _plan_banks(groups, stacks, ordinals, stacking)
+    for p in regions.params:
+        state[p].setdefault("step", torch.zeros((), dtype=torch.int64))
+    _bind(groups, state, stacks, banks)
+    exchange = distributed.Exchange(stacks, runs_by_rank, rank, exchange_dtype) if world_size > 1 else None
+    options = [root_options(group) for group in groups]
+    return Layout(
+        stacks, banks, regions.params, options, ownership, rank, world_size, exchange, signature(groups)
+    )
+
+
+def root_options(group: dict[str, Any]) -> RootOptions:
+    """The inverse-root options of a parameter group."""
+    return RootOptions(
+        method=group["root_method"],
+        eps=group["root_eps"],
+        eigen_fix=group["eigen_fix"],
+        steps=group["root_steps"],
+        tol=group["root_tol"],
+        scaling=group["scaling"],
+        scaling_steps=group["scaling_steps"],
+        num_vectors=group["num_vectors"],
+        safety=group["safety"],
+        precision=group["precision"],
+        degree=group["chebyshev_degree"],
+        interval_lower=group["chebyshev_interval_lower"],
+    )
+
+
+def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tuple:
+    if stacking == "global":
+        return (group,)
+    if stacking == "layer":
+        return (group, param)
+    return (group, param, region, first)
+
+
+def _plan_stacks(
+    regions: Regions,
+    ownership: distributed.Ownership,
+    state: dict[torch.Tensor, dict],
+    stacking: str,
+    rank: int,
+    world_size: int,
+) -> tuple[list[Stack], dict[tuple[int, str], range], list[list[BlockRun]]]:
+    """This rank's runs of blocks, grouped into stacks by scope, device and block shape.
+
+    Returns the stacks, each run's factor ordinals per side (``(id(run), side) -> range``: the
+    factor's position in the stacking-independent sequence, used for staggering), and every rank's
+    owned runs in canonical order.
+    """
+    stacks: dict[tuple, Stack] = {}
+    ordinals: dict[tuple[int, str], range] = {}
+    runs_by_rank: list[list[BlockRun]] = [[] for _ in range(world_size)]
+    next_block = next_ordinal = 0
+    for entry in regions.entries:
+        count, p = entry.count, entry.param
+        chunks = ownership.chunks(next_block, count) if entry.used else []
+        if entry.used:
+            mine = [(first, owned) for owner, first, owned in chunks if owner == rank]
+            distributed.keep_owned_rows(state[p], entry.region, count, *(mine[0] if mine else (0, 0)))
+        for owner, owned_first, owned_count in chunks:
+            runs_by_rank[owner].append(BlockRun(p, entry.blocking, entry.region, owned_first, owned_count))
+            if owner != rank:
+                continue
+            per_block = stacking == "none"
+            pieces = [(k, 1) for k in range(owned_count)] if per_block else [(0, owned_count)]
+            for offset, run_count in pieces:
+                first = owned_first + offset
+                run = BlockRun(p, entry.blocking, entry.region, first, run_count, owned_first, owned_count)
+                scope = _scope(stacking, entry.group_index, entry.param_index, entry.region, first)
+                key = (scope, p.device, run.block)
+                if key not in stacks:
+                    stacks[key] = Stack(run.block, entry.group_index, scope)
+                stacks[key].add(run)
+                for s_index, (side, _) in enumerate(entry.sides):
+                    start = next_ordinal + s_index * count + first
+                    ordinals[id(run), side] = range(start, start + run_count)
+        next_block += count
+        next_ordinal += len(entry.sides) * count
+    return list(stacks.values()), ordinals, runs_by_rank
+
+
+def _plan_banks(
+    groups: Sequence[dict[str, Any]],
+    stacks: list[Stack],
+    ordinals: dict[tuple[int, str], range],
+    stacking: str,
+) -> list[Bank]:
+    """Append each stack's factors, side by side, to the bank of their scope, size and root."""
+    banks: dict[tuple, Bank] = {}
+    for stack in stacks:
+        group = groups[stack.group_index]
+        first_run = stack.runs[0]
+        sides = first_run.blocking.sides(first_run.blocking.regions[first_run.region])
+        root = matrix_root(group, len(sides))
+        for side, size in sides:
+            bank_key = ((stack.scope, side) if stacking == "none" else stack.scope, size, root)
+            if bank_key not in banks:
+                banks[bank_key] = Bank(size, root, stack.group_index)
+            bank = banks[bank_key]
+            rows = [bank.add(run, side, ordinals[id(run), side]) for run in stack.runs]
+            setattr(stack, side, (bank, rows[0]))
+    return list(banks.values())
+
+
+def _bind(
+    groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict], stacks: list[Stack], banks: list[Bank]
+) -> None:
+    """Allocate (or view) every stack and bank buffer from the per-parameter region tensors."""
+
+    def entry(run: BlockRun, kind: str, make: Callable[..., torch.Tensor], shape: tuple[int, int]) -> tuple:
+        # The run's rows of its region tensor, which is created with the rows of every owned block.
+        full, device = (run.owned_count, *shape), run.param.device
+        first = run.first - run.owned_first
+        return state[run.param], f"{kind}.{run.region}", first, run.count, lambda: make(full, device)
+
+    for bank in banks:
+        square = (bank.size, bank.size)
+        bank.factors = bind([entry(e.run, e.side, _zeros, square) for e in bank.entries])
+        bank.roots = bind([entry(e.run, f"{e.side}_root", _eyes, square) for e in bank.entries])
+    for stack in stacks:
+        for kind in elementwise_kinds(groups[stack.group_index]):
+            stack.tensors[kind] = bind([entry(run, kind, _zeros, stack.shape) for run in stack.runs])
+        stack.grad = torch.empty(stack.rows, *stack.shape, device=stack.runs[0].param.device)
+
+
+def _zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, device=device, dtype=torch.float32)
+
+
+def _eyes(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.eye(shape[-1], device=device, dtype=torch.float32).expand(shape).clone()
