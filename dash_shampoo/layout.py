@@ -290,22 +290,26 @@ def build(
     )
 
 
+# RootOptions field -> the parameter-group option that sets it.
+ROOT_OPTION_KEYS = {
+    "method": "root_method",
+    "eps": "root_eps",
+    "eigen_fix": "eigen_fix",
+    "steps": "root_steps",
+    "tol": "root_tol",
+    "scaling": "scaling",
+    "scaling_steps": "scaling_steps",
+    "num_vectors": "num_vectors",
+    "safety": "safety",
+    "precision": "precision",
+    "degree": "chebyshev_degree",
+    "interval_lower": "chebyshev_interval_lower",
+}
+
+
 def root_options(group: dict[str, Any]) -> RootOptions:
     """The inverse-root options of a parameter group."""
-    return RootOptions(
-        method=group["root_method"],
-        eps=group["root_eps"],
-        eigen_fix=group["eigen_fix"],
-        steps=group["root_steps"],
-        tol=group["root_tol"],
-        scaling=group["scaling"],
-        scaling_steps=group["scaling_steps"],
-        num_vectors=group["num_vectors"],
-        safety=group["safety"],
-        precision=group["precision"],
-        degree=group["chebyshev_degree"],
-        interval_lower=group["chebyshev_interval_lower"],
-    )
+    return RootOptions(**{field: group[key] for field, key in ROOT_OPTION_KEYS.items()})
 
 
 def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tuple:

@@ -103,19 +103,18 @@ class Stack:
 
     def roots(self, side: str) -> torch.Tensor | None:
         """The current inverse roots of this stack's ``side`` factors, ``(S, s, s)``, or None."""
-        location = self.left if side == "left" else self.right
-        if location is None:
-            return None
-        bank, first = location
-        return bank.roots[first : first + self.rows]
+        return self._bank_rows(side, "roots")
 
     def factors(self, side: str) -> torch.Tensor | None:
         """This stack's ``side`` factors, ``(S, s, s)`` (a view of the bank), or None."""
+        return self._bank_rows(side, "factors")
+
+    def _bank_rows(self, side: str, kind: str) -> torch.Tensor | None:
         location = self.left if side == "left" else self.right
         if location is None:
             return None
         bank, first = location
-        return bank.factors[first : first + self.rows]
+        return getattr(bank, kind)[first : first + self.rows]
 
     def gather_gradients(self, maximize: bool) -> None:
         """Copy every run's gradient blocks into :attr:`grad` (zeros for a parameter without one)."""

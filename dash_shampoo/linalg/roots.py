@@ -200,13 +200,7 @@ def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
 
 
 def _newton_root(
-    X: torch.Tensor,
-    p: int,
-    scale: torch.Tensor,
-    steps: int,
-    tol: float | None,
-    precision: Precision,
-    iterations: torch.Tensor | None,
+    X: torch.Tensor, p: int, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
 ) -> torch.Tensor:
     """``X^(-1/p)`` by the coupled Newton iteration, for any integer ``p >= 1``.
 
@@ -220,11 +214,12 @@ def _newton_root(
     product too, since the TF32 flag is set once for the solver call, as in the authors' runs with
     TF32 on globally; the accuracy is set by the ``M`` products either way).
     """
+    precision = options.precision
     z = ((p + 1) / (2 * scale))[:, None, None]
     M = X * z
     root = _eye_like(X) * z.pow(1.0 / p)
-    rule = _StoppingRule(X, tol, iterations)
-    for _ in range(steps):
+    rule = _StoppingRule(X, options.tol, iterations)
+    for _ in range(options.steps):
         rule.check(M)
         N = _shifted_identity(M, -1.0 / p, (p + 1) / p)
         new_root = bmm(root, N, "fp32")
@@ -262,13 +257,7 @@ def _ndb_stage(
 
 
 def _ndb_root(
-    X: torch.Tensor,
-    p: int,
-    scale: torch.Tensor,
-    steps: int,
-    tol: float | None,
-    precision: Precision,
-    iterations: torch.Tensor | None,
+    X: torch.Tensor, p: int, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
 ) -> torch.Tensor:
     """``X^(-1/p)`` for ``p = 2^k`` by Newton–Denman–Beavers stages (see :func:`_ndb_stage`).
 
@@ -278,11 +267,12 @@ def _ndb_root(
     ``p = 1``: ``X^(-1) = (X^(-1/2))²``. Each stage runs ``steps`` iterations (fewer per matrix once
     ``max|Z Y − I| < tol`` when ``tol`` is given); ``iterations`` counts those of all stages.
     """
+    steps, precision = options.steps, options.precision
     for _ in range(max(int(math.log2(p)), 1) - 1):
-        Y = _ndb_stage(X, scale, steps, _StoppingRule(X, tol, iterations), precision, "Y")
+        Y = _ndb_stage(X, scale, steps, _StoppingRule(X, options.tol, iterations), precision, "Y")
         X = _symmetrize(Y * scale.sqrt()[:, None, None])
         scale = scale.sqrt()
-    Z = _ndb_stage(X, scale, steps, _StoppingRule(X, tol, iterations), precision, "Z")
+    Z = _ndb_stage(X, scale, steps, _StoppingRule(X, options.tol, iterations), precision, "Z")
     root = Z / scale.sqrt()[:, None, None]
     if p == 1:
         root = bmm(root, root, "fp32")
@@ -316,9 +306,9 @@ def chebyshev_coefficients(p: float, degree: int, lower: float, dtype: torch.dty
 
 
 def _chebyshev_root(
-    X: torch.Tensor, p: float, scale: torch.Tensor, degree: int, lower: float, precision: Precision
+    X: torch.Tensor, p: float, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
 ) -> torch.Tensor:
-    """``(X + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, with ``a = lower``.
+    """``(X + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, ``a = interval_lower`` (no iterations).
 
     With ``B = X / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series approximates
     ``(B + a·I)^(-1/p)`` on ``[a, 1 + a]`` in the variable ``T = 2B − I``; Clenshaw's recurrence
@@ -329,7 +319,8 @@ def _chebyshev_root(
     inverted. The default ``"bound"`` scaling guarantees ``s >= λ_max``, so no eigenvalue leaves the
     interval.
     """
-    coefficients = chebyshev_coefficients(float(p), degree, float(lower), X.dtype)
+    precision = options.precision
+    coefficients = chebyshev_coefficients(float(p), options.degree, float(options.interval_lower), X.dtype)
     T = X * (2 / scale)[:, None, None]
     T.diagonal(dim1=-2, dim2=-1).sub_(1)
     b_next = _eye_like(X) * coefficients[-1]  # b_{k+1}, from b_d = c_d I
@@ -512,10 +503,8 @@ def _solve(
     scale = _spectral_scale(
         X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator
     )
-    if options.method == "chebyshev":
-        return _chebyshev_root(X, p, scale, options.degree, options.interval_lower, options.precision)
-    solver = _newton_root if options.method == "newton" else _ndb_root
-    return solver(X, p, scale, options.steps, options.tol, options.precision, iterations)
+    solver = {"newton": _newton_root, "ndb": _ndb_root, "chebyshev": _chebyshev_root}[options.method]
+    return solver(X, p, scale, options, iterations)
 
 
 def _check_like(name: str, value: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> None:
