@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import spd_stack
 
 from dash_shampoo.linalg import PRECISIONS, bmm, inverse_root, root_matmuls, round_to
 from dash_shampoo.linalg.precision import round_tf32
@@ -20,14 +21,7 @@ UNIT = {"fp32": 2.0**-24, "tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}
 N_DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small matrices: intra-op threads only cost synchronisation (and spin-waiting on a loaded
-    # 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def f32(values) -> torch.Tensor:
@@ -188,15 +182,8 @@ def test_bmm_fp64_with_half_precision_rounds_inputs():
 
 def _well_conditioned() -> torch.Tensor:
     """Four 32 x 32 SPD matrices, eigenvalues log-spaced in [0.1, 1] (cond 10), random bases."""
-    generator = torch.Generator().manual_seed(0)
     lam = torch.logspace(0, -1, N_DIM, dtype=torch.float64)
-    Qs = []
-    for _ in range(4):
-        q, r = torch.linalg.qr(torch.randn(N_DIM, N_DIM, generator=generator, dtype=torch.float64))
-        Qs.append(q * torch.sign(torch.diagonal(r)))
-    Q = torch.stack(Qs)
-    A = (Q * lam) @ Q.mT
-    return ((A + A.mT) / 2).float()
+    return spd_stack(lam.expand(4, N_DIM)).float()
 
 
 def _target(A: torch.Tensor, p: int, method: str, a: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import re
 
 import pytest
 import torch
-from conftest import root_and_iterations
+from conftest import random_orthogonal, root_and_iterations, spd_stack
 
 from dash_shampoo.linalg import (
     EIGEN_FIXES,
@@ -45,33 +45,12 @@ METHOD_P = [(m, p) for m in METHODS for p in P_VALUES[m]]
 CONVERGED_CHEBYSHEV = {"degree": 80, "interval_lower": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The matrices here are at most 64 x 64: intra-op threads only cost synchronisation, and on a
-    # loaded 2-core machine OpenMP spin-waiting made this file 15x slower (58 s instead of 4 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------------------------
 # Test matrices and the float64 reference
 # ---------------------------------------------------------------------------------------------
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def spd_stack(spectra: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """float64 stack ``Q_i diag(spectra_i) Q_iᵀ`` of shape (N, n, n), one random Q per matrix."""
-    generator = torch.Generator().manual_seed(seed)
-    N, n = spectra.shape
-    Q = torch.stack([random_orthogonal(n, generator) for _ in range(N)])
-    A = (Q * spectra[:, None, :].to(torch.float64)) @ Q.mT
-    return (A + A.mT) / 2
 
 
 def log_spectrum(n: int, cond: float) -> torch.Tensor:

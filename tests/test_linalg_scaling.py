@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import root_and_iterations
+from conftest import root_and_iterations, spd_stack
 
 from dash_shampoo.linalg import SCALINGS, inverse_root, power_iteration, spectral_scale
 
@@ -21,26 +21,7 @@ N_DIM = 32
 SLACK = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small matrices: intra-op threads only cost synchronisation (and spin-waiting on a loaded
-    # 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def spd_stack(spectra: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    Q = torch.stack([random_orthogonal(spectra.shape[1], generator) for _ in range(spectra.shape[0])])
-    A = (Q * spectra[:, None, :].to(torch.float64)) @ Q.mT
-    return (A + A.mT) / 2
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _spectra(n: int) -> dict[str, torch.Tensor]:
