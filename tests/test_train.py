@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import array
 import json
+import math
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ import torch
 
 from dash_shampoo import DASH
 from dash_shampoo.models import Llama, ModelConfig, model_config
-from dash_shampoo.train import data, runtime, trainer
+from dash_shampoo.train import data, report, runtime, trainer
 
 # A 2-layer d=32 model on a small slice of the built-in corpus: a few steps take a second.
 SMALL = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "32", "--batch-size", "4"]
@@ -136,12 +137,8 @@ def test_smoke_comparison_writes_results(tmp_path: Path, cache_dir: Path) -> Non
     out = tmp_path / "results"
     args = small_args(cache_dir, "--steps", "4", "--eval-every", "2", "--block-size", "16")
     assert trainer.main([*args, "--compare", "adamw,dash", "--out", str(out)]) == 0
-    assert (
-        trainer.main(
-            [*args, "--optimizer", "dash", "--stacking", "none", "--out", str(out), "--name", "none"]
-        )
-        == 0
-    )
+    unstacked_run = ["--optimizer", "dash", "--stacking", "none", "--name", "none"]  # formerly "shampoo"
+    assert trainer.main([*args, *unstacked_run, "--out", str(out)]) == 0
     document = json.loads((out / "train-cpu.json").read_text())
     unstacked = json.loads((out / "none.json").read_text())["results"][0]
     assert [r["optimizer"] for r in document["results"]] == ["adamw", "dash"]
@@ -356,3 +353,30 @@ def test_train_does_not_import_bench() -> None:
     code = "import sys, dash_shampoo.train.trainer; print([m for m in sys.modules if 'shampoo.bench' in m])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_result_document_is_strict_json_and_plots_past_a_nan(tmp_path: Path) -> None:
+    evals = [
+        {"step": 0, "val_loss": 5.5, "train_time_s": 0.0},
+        {"step": 2, "val_loss": 3.0, "train_time_s": 1.0},
+    ]
+    evals += [
+        {"step": 3, "val_loss": 2.5, "train_time_s": 1.5},
+        {"step": 4, "val_loss": math.nan, "train_time_s": 2.0},
+    ]
+    run = {
+        "optimizer": "dash",
+        "lr": 1e-3,
+        "evals": evals,
+        "final_val_ppl": float("inf"),
+        "betas": (0.9, 0.95),
+    }
+    document = report.finite(
+        {"command": "x", "device": "cpu: test", "model": {"name": "tiny"}, "results": [run]}
+    )
+    result = document["results"][0]
+    assert result["evals"][3]["val_loss"] is None and result["final_val_ppl"] is None
+    assert result["evals"][1]["val_loss"] == 3.0 and result["betas"] == [0.9, 0.95]
+    json.dumps(document, allow_nan=False)
+    pytest.importorskip("matplotlib")
+    assert report.plot(document, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
