@@ -1,5 +1,5 @@
 """Where and how ``dash-shampoo train`` runs: device and ranks, the progress line, peak memory and
-checkpoint files. The trainer calls these; none of them knows about optimizers or the model."""
+checkpoint files. The trainer calls these; none of them knows the model, the optimizers or the loop."""
 
 from __future__ import annotations
 
