@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import array
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dash_shampoo import DASH
 from dash_shampoo.models import Llama, ModelConfig, model_config
-from dash_shampoo.train import data, trainer
+from dash_shampoo.train import data, report, runtime, trainer
 
 # A 2-layer d=32 model on a small slice of the built-in corpus: a few steps take a second.
 SMALL = ["--d-model", "32", "--n-layer", "2", "--n-head", "2", "--seq-len", "32", "--batch-size", "4"]
@@ -131,20 +135,24 @@ def test_bin_loader_errors(tmp_path: Path) -> None:
 
 def test_smoke_comparison_writes_results(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "results"
-    args = small_args(cache_dir, "--steps", "4", "--eval-every", "2", "--compare", "adamw,dash,shampoo")
-    assert trainer.main([*args, "--block-size", "16", "--out", str(out)]) == 0
+    args = small_args(cache_dir, "--steps", "4", "--eval-every", "2", "--block-size", "16")
+    assert trainer.main([*args, "--compare", "adamw,dash", "--out", str(out)]) == 0
+    unstacked_run = ["--optimizer", "dash", "--stacking", "none", "--name", "none"]  # formerly "shampoo"
+    assert trainer.main([*args, *unstacked_run, "--out", str(out)]) == 0
     document = json.loads((out / "train-cpu.json").read_text())
-    assert [r["optimizer"] for r in document["results"]] == ["adamw", "dash", "shampoo"]
+    unstacked = json.loads((out / "none.json").read_text())["results"][0]
+    assert [r["optimizer"] for r in document["results"]] == ["adamw", "dash"]
     assert document["command"].startswith("python -m dash_shampoo.train")
-    for result in document["results"]:
+    for result in [*document["results"], unstacked]:
         assert [e["step"] for e in result["evals"]] == [0, 2, 4]
         assert result["final_val_loss"] < result["evals"][0]["val_loss"]  # it learns something
         assert result["root_failures"] == 0 and not result["diverged"]
-    dash, shampoo = document["results"][1:]
+    dash = document["results"][1]
+    assert dash["options"]["stacking"] == "global" and unstacked["options"]["stacking"] == "none"
     # Stacking does not change the update: DASH and its sequential baseline train alike.
-    assert dash["final_val_loss"] == pytest.approx(shampoo["final_val_loss"], abs=1e-4)
+    assert dash["final_val_loss"] == pytest.approx(unstacked["final_val_loss"], abs=1e-4)
     table = (out / "train-cpu.md").read_text()
-    assert "| optimizer | lr |" in table and "| shampoo |" in table
+    assert "| optimizer | lr |" in table and "| dash |" in table and "stacking=global" in table
     pytest.importorskip("matplotlib")
     assert (out / "train-cpu.png").stat().st_size > 0
 
@@ -189,9 +197,46 @@ def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path: Path, cache_dir: 
         (["--n-head", "3"], "n_head"),
     ],
 )
-def test_bad_options_fail_naming_the_option(cache_dir: Path, extra: list[str], option: str) -> None:
-    with pytest.raises(SystemExit, match=option):
-        trainer.main([*small_args(cache_dir, "--steps", "2"), *extra])
+def test_bad_options_fail_naming_the_option(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str], option: str
+) -> None:
+    assert re.search(option, usage_error(capsys, [*small_args(cache_dir, "--steps", "2"), *extra]))
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The error that ``trainer.main(argv)`` exits with: the trainer's ``SystemExit`` message, or the
+    ``prog: error: ...`` line that argparse prints after the usage text."""
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(argv)
+    code = exit_info.value.code
+    assert code not in (0, None)
+    return code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            ["--compare", "adamw,shampoo"],
+            "argument --compare: unknown optimizer 'shampoo'; choose from adamw, dash",
+        ),
+        (["--optimizer", "shampoo"], "argument --optimizer: invalid choice: 'shampoo'"),
+        (["--compare", "dash,dash"], "argument --compare: lists an optimizer twice: 'dash,dash'"),
+        (["--steps", "1.5"], "argument --steps: must be a whole number >= 1; got '1.5'"),
+        (["--seed", "-1"], "argument --seed: must be a whole number >= 0; got '-1'"),
+        (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0; got '-1'"),
+        (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number >= 0; got 'nan'"),
+        (["--warmup", "-0.5"], "argument --warmup: must be a finite number >= 0; got '-0.5'"),
+        (["--lr", "dash=-1"], "argument --lr: must be a positive number, or 'name=value,...' pairs"),
+        (["--lr", "0"], "argument --lr: must be a positive number"),
+        (["--warmup", "3"], "--warmup 3 is longer than --steps 2"),
+        (["--stop-after", "1"], "--stop-after needs --checkpoint"),
+    ],
+)
+def test_bad_options_say_what_is_allowed(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expected: str
+) -> None:
+    assert expected in usage_error(capsys, [*small_args(cache_dir, "--steps", "2"), *extra])
 
 
 def test_resume_refuses_a_different_run(tmp_path: Path, cache_dir: Path) -> None:
@@ -226,3 +271,112 @@ def test_two_ranks_under_torchrun_then_resume_at_one(tmp_path: Path, cache_dir: 
     result = json.loads((tmp_path / "one" / "train-cpu.json").read_text())["results"][0]
     assert result["steps"] == 4 and [e["step"] for e in result["evals"]] == [0, 2, 4]
     assert result["final_val_loss"] < result["evals"][0]["val_loss"] and result["root_failures"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and runtime helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    trainer.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_optimizer_factory_builds_each_name() -> None:
+    params = [torch.nn.Parameter(torch.randn(8, 6))]
+    assert list(trainer.OPTIMIZERS) == ["adamw", "dash"]  # no "shampoo": that is --stacking none
+    args = parse("--stacking", "none", "--block-size", "4", "--weight-decay", "0.1")
+    adamw = trainer.OPTIMIZERS["adamw"].build(params, 1e-3, args)
+    dash = trainer.OPTIMIZERS["dash"].build(params, 2e-3, args)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.1
+    assert isinstance(dash, DASH) and dash.stacking == "none" and dash.defaults["block_size"] == 4
+    assert dash.defaults["lr"] == 2e-3 and dash.defaults["betas"] == trainer.BETAS
+
+
+def test_learning_rates_per_optimizer() -> None:
+    defaults = {name: choice.default_lr for name, choice in trainer.OPTIMIZERS.items()}
+    assert trainer.learning_rates(parse()) == defaults
+    assert trainer.learning_rates(parse("--lr", "1e-3")) == {"adamw": 1e-3, "dash": 1e-3}
+    assert trainer.learning_rates(parse("--lr", "dash=2e-3")) == {"adamw": defaults["adamw"], "dash": 2e-3}
+    assert trainer.learning_rates(parse("--optimizer", "dash", "--lr", "4e-3")) == {"dash": 4e-3}
+    assert trainer.learning_rates(parse("--compare", "dash, adamw")) == {"dash": 3e-3, "adamw": 3e-3}
+    with pytest.raises(ValueError, match="--lr names 'adamw', which is not trained in this run"):
+        trainer.learning_rates(parse("--optimizer", "dash", "--lr", "adamw=1e-3"))
+
+
+def test_progress_prints_every_few_steps_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = runtime.Progress(enabled=True, every=2)
+    for step in range(1, 5):
+        progress.step(step, f"step {step}")
+    progress.line("done")
+    runtime.Progress(enabled=False, every=1).line("not on this rank")
+    assert capsys.readouterr().err.splitlines() == ["step 2", "step 4", "done"]
+
+
+def test_single_process_runtime_and_peak_memory() -> None:
+    threads = torch.get_num_threads()
+    place = runtime.setup_runtime(threads=2)
+    try:
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert place.main and place.rank == 0 and place.world_size == 1 and not place.owns_group
+    place.synchronize()
+    place.close()  # nothing to destroy
+    device = torch.device("cpu")
+    was_reset = runtime.reset_peak_memory(device)
+    mib, kind = runtime.peak_memory(device, was_reset)
+    assert mib > 1 and kind == ("process peak RSS during the run" if was_reset else "process peak RSS")
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "ckpt.pt"
+    options = {"steps": 10, "data": None}
+    runtime.save_checkpoint(path, {"optimizer_name": "dash", "options": options, "step": 3})
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]  # no partial file left behind
+    loaded = runtime.load_checkpoint(path, "dash", options)
+    assert loaded["step"] == 3 and loaded["format"] == runtime.CHECKPOINT_FORMAT
+    with pytest.raises(ValueError, match="saved by optimizer 'dash', this run trains 'adamw'"):
+        runtime.load_checkpoint(path, "adamw", options)
+    with pytest.raises(ValueError, match="trained with --steps 10, this run has 20"):
+        runtime.load_checkpoint(path, "dash", {**options, "steps": 20})
+    with pytest.raises(ValueError, match=r"--resume .*absent\.pt: no such file"):
+        runtime.load_checkpoint(tmp_path / "absent.pt", "dash", options)
+    torch.save({"step": 3}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dash-shampoo train checkpoint"):
+        runtime.load_checkpoint(tmp_path / "other.pt", "dash", options)
+
+
+def test_train_does_not_import_bench() -> None:
+    code = "import sys, dash_shampoo.train.trainer; print([m for m in sys.modules if 'shampoo.bench' in m])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_result_document_is_strict_json_and_plots_past_a_nan(tmp_path: Path) -> None:
+    evals = [
+        {"step": 0, "val_loss": 5.5, "train_time_s": 0.0},
+        {"step": 2, "val_loss": 3.0, "train_time_s": 1.0},
+    ]
+    evals += [
+        {"step": 3, "val_loss": 2.5, "train_time_s": 1.5},
+        {"step": 4, "val_loss": math.nan, "train_time_s": 2.0},
+    ]
+    run = {
+        "optimizer": "dash",
+        "lr": 1e-3,
+        "evals": evals,
+        "final_val_ppl": float("inf"),
+        "betas": (0.9, 0.95),
+    }
+    document = report.finite(
+        {"command": "x", "device": "cpu: test", "model": {"name": "tiny"}, "results": [run]}
+    )
+    result = document["results"][0]
+    assert result["evals"][3]["val_loss"] is None and result["final_val_ppl"] is None
+    assert result["evals"][1]["val_loss"] == 3.0 and result["betas"] == [0.9, 0.95]
+    json.dumps(document, allow_nan=False)
+    pytest.importorskip("matplotlib")
+    assert report.plot(document, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0

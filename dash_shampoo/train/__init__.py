@@ -1,3 +1,4 @@
-"""The training command: a Llama-style model (:mod:`.model`), token data (:mod:`.data`), the loop and
-comparison (:mod:`.trainer`) and the result files (:mod:`.report`). Run ``dash-shampoo train`` or
+"""The training command: token data (:mod:`.data`), the options, optimizers, loop and comparison
+(:mod:`.trainer`), devices, ranks, progress, memory and checkpoints (:mod:`.runtime`) and the result
+files (:mod:`.report`); the model is :mod:`dash_shampoo.models`. Run ``dash-shampoo train`` or
 ``python -m dash_shampoo.train``."""

@@ -1,4 +1,5 @@
-"""Results of ``dash-shampoo train``: run metadata, the markdown table, the JSON file and the plot.
+"""Results of ``dash-shampoo train``: run metadata, the markdown table, the plot, and the document
+that :func:`dash_shampoo.results.write_report` writes as JSON.
 
 matplotlib is imported only to draw the plot; without it the PNG is skipped with a message.
 """
@@ -6,7 +7,6 @@ matplotlib is imported only to draw the plot; without it the PNG is skipped with
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import platform
 import sys
@@ -106,8 +106,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Val loss vs step and vs training wall time, one line per optimizer; False without matplotlib."""
+def plot(document: dict[str, Any], path: Path) -> bool:
+    """Draw ``path``: val loss vs step and vs training wall time, one line per optimizer, of a
+    document of :func:`finite` ``{**metadata, "results": results}``; False without matplotlib."""
     try:
         import matplotlib
 
@@ -116,15 +117,16 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
         return False
+    results = document["results"]
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for r in results:
-        evals = [e for e in r["evals"] if math.isfinite(e["val_loss"])]
+        evals = [e for e in r["evals"] if e["val_loss"] is not None]  # None: not finite
         label = f"{r['optimizer']} (lr {r['lr']:g})"
         by_step.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label)
         by_time.plot(
             [e["train_time_s"] for e in evals], [e["val_loss"] for e in evals], marker=".", label=label
         )
-    losses = [e["val_loss"] for r in results for e in r["evals"][1:] if math.isfinite(e["val_loss"])]
+    losses = [e["val_loss"] for r in results for e in r["evals"][1:] if e["val_loss"] is not None]
     for axis, xlabel in ((by_step, "step"), (by_time, "training wall time (s, evaluation excluded)")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("validation loss (nats/token)")
@@ -133,37 +135,19 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
         if losses:  # the step-0 loss (ln vocab) would flatten the interesting part
             low, high = min(losses), max(losses)
             axis.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-    figure.suptitle(title, fontsize=9)
+    command = "\n".join(textwrap.wrap(document["command"], 140, break_on_hyphens=False))
+    figure.suptitle(f"{document['model']['name']} model, {document['device']}\n{command}", fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
 
 
-def write(out: Path, stem: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
-    """Write ``stem.json``, ``stem.md`` and ``stem.png`` under ``out``; returns the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    json_path = out / f"{stem}.json"
-    document = _finite({**meta, "results": results})
-    json_path.write_text(json.dumps(document, indent=1, default=str, allow_nan=False) + "\n")
-    written.append(json_path)
-    md_path = out / f"{stem}.md"
-    md_path.write_text(markdown(results, meta))
-    written.append(md_path)
-    png_path = out / f"{stem}.png"
-    command = "\n".join(textwrap.wrap(meta["command"], 140, break_on_hyphens=False))
-    title = f"{meta['model']['name']} model, {meta['device']}\n{command}"
-    if plot(results, png_path, title):
-        written.append(png_path)
-    return written
-
-
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """``value`` with every non-finite float replaced by ``None`` (strict JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value

@@ -1,0 +1,198 @@
+"""Where and how ``dash-shampoo train`` runs: device and ranks, the progress line, peak memory and
+checkpoint files. The trainer calls these; none of them knows the model, the optimizers or the loop."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: Version of the checkpoint layout; a checkpoint with another value is refused.
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and ranks
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Where this process trains.
+
+    Attributes:
+        device: the device of the model and the batches.
+        rank: this process's rank (0 without torchrun).
+        world_size: the number of ranks.
+        owns_group: True if :func:`setup_runtime` created the process group (and so must destroy it).
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that prints and writes files."""
+        return self.rank == 0
+
+    def synchronize(self) -> None:
+        """Wait for the queued device work, so that host timers measure it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Destroy the process group if :func:`setup_runtime` created it."""
+        if self.owns_group:
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup_runtime(threads: int | None = None) -> Runtime:
+    """Choose the device and join the ranks: CUDA if available, else CPU; under torchrun with
+    ``WORLD_SIZE > 1`` a process group (``nccl`` on CUDA, ``gloo`` on CPU) unless one exists.
+
+    Args:
+        threads: torch's CPU thread count; ``None`` keeps torch's choice.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(torch.device("cuda" if cuda else "cpu"))
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Runtime(device, dist.get_rank(), dist.get_world_size(), owns_group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+# ----------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One progress line on stderr: rewritten in place on a terminal, else printed every few steps.
+
+    Args:
+        enabled: False on the ranks that stay silent.
+        every: the step period of the printed line when stderr is not a terminal.
+    """
+
+    def __init__(self, enabled: bool, every: int) -> None:
+        self.enabled = enabled
+        self.every = every
+        self.tty = sys.stderr.isatty()
+        self.open = False
+
+    def step(self, step: int, text: str) -> None:
+        """Show ``text`` for ``step`` (every step on a terminal, every ``every`` steps otherwise)."""
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + text + "\x1b[K")
+            sys.stderr.flush()
+            self.open = True
+        elif step % self.every == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        """Print ``text`` on a line of its own (after ending an in-place line)."""
+        if not self.enabled:
+            return
+        if self.open:
+            sys.stderr.write("\n")
+            self.open = False
+        print(text, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory
+# ----------------------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a fresh peak-memory count on ``device``; False if the platform cannot reset it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: torch.device, was_reset: bool) -> tuple[float, str]:
+    """Peak memory in MiB and what the number measures.
+
+    CUDA: the caching allocator's peak since :func:`reset_peak_memory`. CPU: the whole process's
+    peak resident set (the interpreter, torch, the data and the model included, not only the
+    optimizer): since the reset if ``was_reset`` (``VmHWM``), else since the process started.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    if was_reset:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "process peak RSS during the run"
+        except OSError:
+            pass
+    # ru_maxrss is KiB on Linux, bytes on macOS; it is the process high-water mark since start.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, "process peak RSS"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (tagged with :data:`CHECKPOINT_FORMAT`) to ``path`` with ``torch.save``,
+    atomically: a reader sees the previous file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path, optimizer_name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path`` (loaded with ``weights_only=True``), if it was saved by a run of
+    optimizer ``optimizer_name`` with the same ``options`` (``{option_dest: value}``).
+
+    Raises:
+        ValueError: no such file, not a checkpoint of this format, or saved by another optimizer or
+            with another value of an option; the message names ``--resume`` and the option.
+    """
+    if not path.is_file():
+        raise ValueError(f"--resume {path}: no such file")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {path}: not a dash-shampoo train checkpoint")
+    if payload["optimizer_name"] != optimizer_name:
+        raise ValueError(
+            f"--resume {path}: saved by optimizer {payload['optimizer_name']!r}, "
+            f"this run trains {optimizer_name!r}"
+        )
+    for key, now in options.items():
+        saved = payload["options"].get(key)
+        if saved != now:
+            option = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"--resume {path}: the checkpoint was trained with {option} {saved}, this run has {now}"
+            )
+    return payload
