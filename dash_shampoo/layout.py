@@ -41,6 +41,7 @@ LAYOUT_KEYS = (
     "stagger",
     "root_method",
     "root_eps",
+    "root_eps_relative",
     "root_steps",
     "root_tol",
     "scaling",
@@ -294,6 +295,7 @@ def build(
 ROOT_OPTION_KEYS = {
     "method": "root_method",
     "eps": "root_eps",
+    "relative_eps": "root_eps_relative",
     "eigen_fix": "eigen_fix",
     "steps": "root_steps",
     "tol": "root_tol",

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from .linalg.roots import ridge
+
 Grafting = Literal["adam", "adagrad", "rmsprop", "sgd", "none"]
 GRAFTINGS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
 Scalar = float | torch.Tensor
@@ -155,19 +157,29 @@ ROOT_BOUND_SLACK = 100.0
 
 
 def accept_roots(
-    new: torch.Tensor, old: torch.Tensor, eps: float, p: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each refreshed root unless it is not finite or has an entry no exact root can have.
+    new: torch.Tensor, old: torch.Tensor, factors: torch.Tensor, eps: float, relative_eps: float, p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each refreshed root of ``factors`` unless it is not finite, has an entry no exact root can
+    have, or its factor is all zero.
 
-    Exact roots obey ``|X_ij| <= ||X||_2 <= eps^(-1/p)`` (every eigenvalue of the ridged factor is
-    at least ``eps``); a diverged iteration can be finite and 1e16 times beyond that. The slack
-    :data:`ROOT_BOUND_SLACK` allows for fp32 iterations on singular factors, which overshoot by a
-    few times (2.1x measured on the first refresh of the tiny trainer model).
+    Exact roots obey ``|X_ij| <= ||X||_2 <= r^(-1/p)``: every eigenvalue of the ridged factor is at
+    least the ridge ``r = eps + relative_eps · tr/n`` (:func:`~dash_shampoo.linalg.roots.ridge`); a
+    diverged iteration can be finite and 1e16 times beyond that. The slack :data:`ROOT_BOUND_SLACK`
+    allows for fp32 iterations on singular factors, which overshoot by a few times (2.1x measured
+    on the first refresh of the tiny trainer model). A factor with zero trace is the zero matrix (it
+    is PSD): it carries no curvature, and without a ridge it has no root at all, so its old root is
+    kept (this is not a failure).
 
     Returns:
-        ``(roots, ok)``: ``new`` where accepted, else ``old``; and the (K,) mask of accepted rows.
+        ``(roots, ok, zero)``: ``new`` where accepted, else ``old``; the (K,) mask of accepted rows
+        and the mask of all-zero factors (kept, not failed).
     """
-    bound = ROOT_BOUND_SLACK * eps ** (-1.0 / p) if eps > 0 else math.inf
+    added = ridge(factors, eps, relative_eps)
+    if isinstance(added, torch.Tensor):
+        bound = ROOT_BOUND_SLACK * added.double().pow(-1.0 / p).to(new.dtype)  # inf where added == 0
+    else:
+        bound = ROOT_BOUND_SLACK * added ** (-1.0 / p) if added > 0 else math.inf
     peak = new.abs().flatten(1).amax(dim=1)
-    ok = torch.isfinite(peak) & (peak <= bound)
-    return torch.where(ok[:, None, None], new, old), ok
+    zero = factors.diagonal(dim1=-2, dim2=-1).sum(dim=-1) == 0
+    ok = torch.isfinite(peak) & (peak <= bound) & ~zero
+    return torch.where(ok[:, None, None], new, old), ok, zero

@@ -170,14 +170,27 @@ def test_due_rows_uses_each_rows_own_step():
 def test_accept_roots_keeps_the_old_root_where_the_new_one_is_impossible():
     eps, p = 1e-4, 4
     bound = ROOT_BOUND_SLACK * eps ** (-1 / p)  # 100 · 10
-    old = torch.eye(2).expand(4, 2, 2).clone()
-    new = torch.full((4, 2, 2), 0.5)
+    factors = torch.eye(2).expand(5, 2, 2).clone()
+    factors[4] = 0  # an all-zero factor
+    old = torch.eye(2).expand(5, 2, 2).clone()
+    new = torch.full((5, 2, 2), 0.5)
     new[1, 0, 0] = float("nan")
     new[2, 1, 1] = float("inf")
     new[3, 0, 1] = 1.01 * bound
-    roots, ok = accept_roots(new, old, eps, p)
-    assert ok.tolist() == [True, False, False, False]
+    roots, ok, zero = accept_roots(new, old, factors, eps, 0.0, p)
+    assert ok.tolist() == [True, False, False, False, False] and zero.tolist() == [False] * 4 + [True]
     assert torch.equal(roots[0], new[0]) and torch.equal(roots[1:], old[1:])
-    # Without a ridge no bound exists: only finiteness is checked.
-    _, ok = accept_roots(new, old, 0.0, p)
-    assert ok.tolist() == [True, False, False, True]
+    # Without a ridge no bound exists: only finiteness is checked, and the zero factor is kept.
+    _, ok, _ = accept_roots(new, old, factors, 0.0, 0.0, p)
+    assert ok.tolist() == [True, False, False, True, False]
+
+
+def test_accept_roots_bound_follows_the_relative_ridge():
+    # Factor 2·I (mean eigenvalue 2) with relative_eps 1e-4: ridge 2e-4, exact roots at most
+    # (2e-4)^(-1/4) = 8.4 per entry; the bound is 100 times that.
+    factors = 2 * torch.eye(2).expand(2, 2, 2)
+    bound = ROOT_BOUND_SLACK * (2e-4) ** -0.25
+    new = torch.full((2, 2, 2), 0.99 * bound)
+    new[1, 0, 0] = 1.01 * bound
+    _, ok, _ = accept_roots(new, torch.zeros(2, 2, 2), factors, 0.0, 1e-4, 4)
+    assert ok.tolist() == [True, False]
