@@ -53,6 +53,8 @@ def grafting_direction(
     none: ``ĝ``.
     """
     if grafting == "adam":
+        # v / (1 − β₂^t) <= max g² stays finite: gradients whose squares could overflow are
+        # skipped before they reach v (see DASH's statistics update).
         return g_hat / (moment / bias2).sqrt_().add_(eps)
     if grafting in ("rmsprop", "adagrad"):
         return g_hat / moment.sqrt().add_(eps)
@@ -72,13 +74,39 @@ def precondition(
 
 
 def block_norms(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each block, shape (S, 1, 1)."""
-    return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    """Frobenius norm of each block, shape (S, 1, 1), in float64 without overflow or underflow for
+    any finite input (the fp32 sum of squares overflows for entries of ~1e19/sqrt(mn) and underflows
+    for ~1e-23).
+
+    On an accelerator one reduction accumulating in float64 (no host synchronisation). On the CPU,
+    whose float64 reduction of fp32 input is not vectorised (20x slower), the fp32 norm, and only
+    when some block's norm is not finite or below 2^-60 (deciding that costs no device sync there)
+    the norms of the blocks scaled by a power of two near their largest entry.
+    """
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float64)
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    if bool((norms < 2.0**-60).any()) or not bool(torch.isfinite(norms).all()):
+        return _scaled_block_norms(x)
+    return norms.double()
+
+
+def _scaled_block_norms(x: torch.Tensor) -> torch.Tensor:
+    """:func:`block_norms` of each block divided by ``2^k`` near its largest entry, times ``2^k``."""
+    # max|x| as max(max x, −min x): two vectorised reductions (abs().amax() and the inf-norm are not).
+    largest = torch.maximum(x.amax(dim=(1, 2), keepdim=True), -x.amin(dim=(1, 2), keepdim=True))
+    exponent = torch.frexp(largest).exponent.clamp(-120, 120)
+    scale = torch.ldexp(torch.ones_like(largest), -exponent)
+    return torch.ldexp(torch.linalg.vector_norm(x * scale, dim=(1, 2), keepdim=True).double(), exponent)
 
 
 def graft(U: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero)."""
-    return U * (block_norms(direction) / block_norms(U).add_(1e-16))
+    """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero).
+
+    The ratio ``||D|| / (||U|| + 1e-16)`` is formed in float64 and capped at the largest fp32 value.
+    """
+    ratio = block_norms(direction) / (block_norms(U) + 1e-16)
+    return U * ratio.clamp_max(torch.finfo(U.dtype).max).to(U.dtype)
 
 
 def row_values(
