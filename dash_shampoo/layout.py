@@ -238,30 +238,31 @@ class Layout:
                 if run.param in active:
                     run.subtract_from(targets[run.param], stack.of(run, update))
 
-    def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Copies of every state row that belongs to ``params`` (restored by :meth:`restore_rows`)."""
+    def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
+        """Copies of every state row that belongs to ``params``, as ``(tensor, rows, copy)`` (restored
+        by :meth:`restore_rows`)."""
         wanted = set(params)
-        views = [
-            stack.of(run, tensor)
+        places = [
+            (tensor, slice(run.row, run.row + run.count))
             for stack in self.stacks
             for run in stack.runs
             if run.param in wanted
             for tensor in stack.tensors.values()
         ]
-        views += [
-            tensor[rows.start : rows.stop]
+        places += [
+            (tensor, slice(rows.start, rows.stop))
             for bank in self.banks
             for run, rows in bank.rows_by_run()
             if run.param in wanted
             for tensor in (bank.factors, bank.roots)
         ]
-        return [(view, view.clone()) for view in views]
+        return [(tensor, rows, tensor[rows].clone()) for tensor, rows in places]
 
     @staticmethod
-    def restore_rows(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write back the rows copied by :meth:`save_rows`."""
-        for view, copy in saved:
-            view.copy_(copy)
+    def restore_rows(saved: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
+        """Write back the rows copied by :meth:`save_rows` or :meth:`Stack.save_rows`."""
+        for tensor, rows, copy in saved:
+            tensor[rows] = copy
 
 
 def build(

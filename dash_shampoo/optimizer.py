@@ -9,6 +9,7 @@ roots (:mod:`dash_shampoo.linalg`) and the sharing of work between processes
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -223,6 +224,7 @@ class DASH(Optimizer):
         self._failures: dict[torch.device, torch.Tensor] = {}
         self._root_hooks: OrderedDict[int, RootHook] = OrderedDict()
         self.skipped_steps = 0
+        self.skipped_blocks = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :class:`torch.optim.Optimizer`); its options are validated first."""
@@ -244,7 +246,7 @@ class DASH(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps"):
+        for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps", "skipped_blocks"):
             state[key] = getattr(self, key)
         # A ProcessGroup cannot be pickled or copied: record which kind of group this was.
         state["_group_kind"] = distributed.group_kind(self._process_group)
@@ -268,6 +270,7 @@ class DASH(Optimizer):
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("skipped_blocks", 0)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -285,7 +288,12 @@ class DASH(Optimizer):
     @property
     def root_failures(self) -> int:
         """Number of factor roots whose refresh failed or was not finite (the old root was kept)."""
-        return int(sum(int(count) for count in self._failures.values()))
+        return int(sum(int(counts[0]) for counts in self._failures.values()))
+
+    @property
+    def factor_resets(self) -> int:
+        """Number of factors found not finite at a refresh (a sum of huge gradients) and reset to zero."""
+        return int(sum(int(counts[1]) for counts in self._failures.values()))
 
     def distribution_stats(self) -> dict[str, Any]:
         """How the work is shared (:func:`dash_shampoo.distributed.sharing_stats`; after a step)."""
@@ -353,26 +361,40 @@ class DASH(Optimizer):
 
         for stack in plan.stacks:
             stack.gather_gradients(self.param_groups[stack.group_index]["maximize"])
-        if not self._gradients_finite(plan):
+        candidates = self._check_gradients(plan)
+        if candidates is None:
             return loss
 
         inactive = [p for p in plan.params if p not in active]
-        saved = plan.save_rows(inactive) if inactive else None
+        saved = plan.save_rows(inactive) if inactive else []
+        before = [stack.save_rows(rows) for stack, rows in candidates]
         for p in active:
             self.state[p]["step"] += 1
         for stack in plan.stacks:
             self._update_statistics(stack)
+        # A block whose g gᵀ, gᵀ g or g² overflowed is skipped: its state is put back (now, and again
+        # after the step) and its update is zero (counted in skipped_blocks).
+        overflowing = []
+        for (stack, rows), copies in zip(candidates, before):
+            broken = ~stack.statistics_finite(rows)
+            if bool(broken.any()):
+                kept = [(tensor, where[broken], copy[broken]) for tensor, where, copy in copies]
+                plan.restore_rows(kept)
+                saved += kept
+                overflowing.append((stack, rows[broken]))
+                self.skipped_blocks += int(broken.sum())
         for bank in plan.banks:
             self._refresh(bank, plan.root_options[bank.group_index])
         self._apply_weight_decay(active)
         targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
         updates = [self._direction(stack) for stack in plan.stacks]
+        for stack, rows in overflowing:
+            updates[plan.stacks.index(stack)].index_fill_(0, rows, 0.0)
         plan.apply(self._process_group, updates, targets, active)
         for p, target in targets.items():
             if target is not p:
                 p.copy_(target)
-        if saved is not None:
-            plan.restore_rows(saved)
+        plan.restore_rows(saved)
         return loss
 
     def _build_layout(self, active: set[torch.Tensor]) -> Layout:
@@ -392,26 +414,38 @@ class DASH(Optimizer):
             exchange_dtype=COMMUNICATION[self.communication],
         )
 
-    def _gradients_finite(self, plan: Layout) -> bool:
-        # A sum is finite only if every term is (inf, -inf and NaN all propagate), so one reduction
-        # per stack decides the usual case; only a non-finite sum (possibly an overflow of finite
-        # values) is checked element by element.
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
+    def _check_gradients(self, plan: Layout) -> list[tuple[Stack, torch.Tensor]] | None:
+        """None when a gradient is not finite on any process (the step is skipped, or raises);
+        else the blocks whose squares may overflow fp32: ``(stack, rows)`` pairs (usually none).
+
+        One reduction per stack, ``max|g|`` (NaN and inf propagate through it), brought to the host
+        in one transfer per device; only a stack whose peak could overflow ``g gᵀ`` is looked at
+        block by block.
+        """
+        by_device: dict[torch.device, list[Stack]] = {}
         for stack in plan.stacks:
-            per_device.setdefault(stack.grad.device, []).append(stack.grad.sum())
-        flags = [torch.isfinite(torch.stack(f)).all().cpu() for f in per_device.values()]
-        local = bool(torch.stack(flags).all()) if flags else True
-        bad = [] if local else [s for s in plan.stacks if not bool(torch.isfinite(s.grad).all())]
-        if distributed.all_finite(self._process_group, torch.tensor(not bad)):
-            return True
-        if self.nonfinite == "raise":
-            names = sorted(
-                {f"group {s.group_index}, shape {tuple(r.param.shape)}" for s in bad for r in s.runs}
-            )
-            where = "; ".join(names) if names else "another process's gradients"
-            raise FloatingPointError(f"DASH got a non-finite gradient in: {where}")
-        self.skipped_steps += 1
-        return False
+            by_device.setdefault(stack.grad.device, []).append(stack)
+        peaks: dict[int, float] = {}
+        for stacks in by_device.values():
+            values = torch.stack([_peak(stack.grad) for stack in stacks]).cpu().tolist()
+            peaks.update((id(stack), value) for stack, value in zip(stacks, values))
+        bad = [s for s in plan.stacks if not math.isfinite(peaks[id(s)])]
+        if not distributed.all_finite(self._process_group, torch.tensor(not bad)):
+            if self.nonfinite == "raise":
+                names = sorted(
+                    {f"group {s.group_index}, shape {tuple(r.param.shape)}" for s in bad for r in s.runs}
+                )
+                where = "; ".join(names) if names else "another process's gradients"
+                raise FloatingPointError(f"DASH got a non-finite gradient in: {where}")
+            self.skipped_steps += 1
+            return None
+        candidates = []
+        for stack in plan.stacks:
+            if _may_overflow(peaks[id(stack)], stack.shape):
+                block_peaks = _peak(stack.grad, dims=(1, 2)).double()
+                rows = torch.nonzero(_may_overflow(block_peaks, stack.shape)).flatten()
+                candidates.append((stack, rows))
+        return candidates
 
     def _steps(self, runs: Iterable[Any]) -> list[int]:
         return [int(self.state[run.param]["step"]) for run in runs]
@@ -441,6 +475,11 @@ class DASH(Optimizer):
         device = bank.factors.device
         factors = bank.factors if every else bank.factors.index_select(0, rows)
         old = bank.roots if every else bank.roots.index_select(0, rows)
+        # A factor that is no longer finite (a sum of many huge gradients) is reset to zero.
+        broken = ~torch.isfinite(factors).flatten(1).all(dim=1)
+        factors.masked_fill_(broken[:, None, None], 0.0)  # in the bank, or in the selected copy
+        if not every:
+            bank.factors.index_copy_(0, rows, factors)
         start = None
         if options.method != "eigh" and options.scaling in ("power", "power_multi"):
             # Power iteration starts from vectors that depend on the factor and its step alone, so
@@ -457,8 +496,8 @@ class DASH(Optimizer):
             bank.roots.copy_(new)
         else:
             bank.roots.index_copy_(0, rows, new)
-        failures = self._failures.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
-        failures += (~(ok | zero)).sum()
+        counts = self._failures.setdefault(device, torch.zeros(2, dtype=torch.int64, device=device))
+        counts += torch.stack([(~(ok | zero)).sum(), broken.sum()])
 
     def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
         for group in self.param_groups:
@@ -518,6 +557,21 @@ class DASH(Optimizer):
                 rows, {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
             )
         return out
+
+
+def _peak(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``max|x|`` (over ``dims``, default all) as ``max(max x, −min x)``: two vectorised reductions
+    through which NaN and inf propagate."""
+    if dims is None:
+        return torch.maximum(x.amax(), -x.amin())
+    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
+
+
+def _may_overflow(peak: Any, block: tuple[int, int]) -> Any:
+    """Whether a block with entries up to ``peak`` may overflow fp32 in ``g gᵀ``, ``gᵀ g`` or ``g²``:
+    their entries are at most ``max(m, n) · peak²`` (against a quarter of the fp32 maximum, for the
+    exponential averages that add to them). ``peak``: a float or a float64 tensor."""
+    return peak * peak * max(block) > torch.finfo(torch.float32).max / 4
 
 
 def _restore(key: str, value: Any, device: torch.device) -> Any:

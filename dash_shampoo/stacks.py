@@ -116,6 +116,29 @@ class Stack:
         bank, first = location
         return getattr(bank, kind)[first : first + self.rows]
 
+    def save_rows(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Copies of the state of the stack's ``rows`` (an index tensor): its elementwise tensors and
+        its factors and roots in the banks, as ``(tensor, rows, copy)`` for ``Layout.restore_rows``."""
+        saved = [(tensor, rows, tensor[rows]) for tensor in self.tensors.values()]
+        for location in (self.left, self.right):
+            if location is not None:
+                bank, first = location
+                saved += [
+                    (tensor, rows + first, tensor[rows + first]) for tensor in (bank.factors, bank.roots)
+                ]
+        return saved
+
+    def statistics_finite(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per row of ``rows``: whether its factors and elementwise state are all finite."""
+        finite = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+        tensors = [
+            *self.tensors.values(),
+            *(f for f in (self.factors("left"), self.factors("right")) if f is not None),
+        ]
+        for tensor in tensors:
+            finite &= torch.isfinite(tensor[rows]).flatten(1).all(dim=1)
+        return finite
+
     def gather_gradients(self, maximize: bool) -> None:
         """Copy every run's gradient blocks into :attr:`grad` (zeros for a parameter without one)."""
         for run in self.runs:

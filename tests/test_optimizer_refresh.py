@@ -58,15 +58,15 @@ def test_nonfinite_raise():
         opt.step()
 
 
-def test_huge_finite_gradients_are_not_skipped():
-    # The fast check sums each stack; 16 entries of 3e38 overflow that sum to inf although every
-    # entry is finite, so the exact elementwise check must clear the step.
+def test_huge_finite_gradients_do_not_skip_the_step():
+    # 16 entries of 3e38 would overflow a sum; the check takes max|g| (finite), so the step is not
+    # skipped as non-finite. Their squares would overflow, so the block itself is skipped.
     w = torch.zeros(4, 4, requires_grad=True)
     opt = DASH([w], lr=0.1, block_size=4, nonfinite="raise")
     w.grad = torch.full((4, 4), 3e38)
     opt.step()
     assert opt.skipped_steps == 0 and int(opt.state[w]["step"]) == 1
-    assert torch.isfinite(w).all()  # (its squares overflow too: the factor root fails and is counted)
+    assert opt.skipped_blocks == 1 and torch.equal(w, torch.zeros(4, 4))
 
 
 # NaN, and a finite root no exact root can be: with root_eps = 1e-4 every eigenvalue of
@@ -131,15 +131,25 @@ def test_root_failure_before_first_success_keeps_identity():
     assert torch.isfinite(w).all() and not torch.equal(w.detach(), before)
 
 
-def test_root_failure_from_huge_gradient_ndb():
-    w = torch.randn(6, 6, requires_grad=True)
+def test_a_gradient_whose_square_overflows_skips_its_block_and_keeps_the_state():
+    w = torch.randn(6, 12, requires_grad=True)  # two 6x6 blocks
     opt = DASH([w], lr=0.1, block_size=6, precondition_frequency=1)
-    w.grad = torch.randn(6, 6)
+    w.grad = torch.randn(6, 12)
     opt.step()
-    w.grad = torch.full((6, 6), 3e38)  # g gᵀ overflows to inf
+    state = {k: v.clone() for k, v in opt.state[w].items()}
+    before = w.detach().clone()
+    w.grad = torch.randn(6, 12)
+    w.grad[:, :6] = 3e38  # g gᵀ would overflow in the first block only
     opt.step()
-    assert opt.root_failures >= 1
-    assert torch.isfinite(opt.state[w]["left_root.0"]).all()
+    assert opt.skipped_blocks == 1 and opt.root_failures == 0
+    assert torch.equal(w[:, :6], before[:, :6]) and not torch.equal(w[:, 6:], before[:, 6:])
+    for key, value in opt.state[w].items():
+        assert torch.isfinite(value).all(), key
+        if key != "step":
+            assert torch.equal(value[0], state[key][0]), key  # the skipped block's state is kept
+    w.grad = torch.randn(6, 12)
+    opt.step()
+    assert not torch.equal(w[:, :6], before[:, :6])  # ordinary steps move it again
 
 
 # ----------------------------------------------------------------------------------------------
