@@ -41,6 +41,7 @@ LAYOUT_KEYS = (
     "stagger",
     "root_method",
     "root_eps",
+    "root_eps_relative",
     "root_steps",
     "root_tol",
     "scaling",
@@ -281,7 +282,7 @@ def build(
     stacks, ordinals, runs_by_rank = _plan_stacks(regions, ownership, state, stacking, rank, world_size)
     banks = _plan_banks(groups, stacks, ordinals, stacking)
     for p in regions.params:
-        state[p].setdefault("step", torch.zeros((), dtype=torch.int64))
+        state.setdefault(p, {}).setdefault("step", torch.zeros((), dtype=torch.int64))
     _bind(groups, state, stacks, banks)
     exchange = distributed.Exchange(stacks, runs_by_rank, rank, exchange_dtype) if world_size > 1 else None
     options = [root_options(group) for group in groups]
@@ -294,6 +295,7 @@ def build(
 ROOT_OPTION_KEYS = {
     "method": "root_method",
     "eps": "root_eps",
+    "relative_eps": "root_eps_relative",
     "eigen_fix": "eigen_fix",
     "steps": "root_steps",
     "tol": "root_tol",
@@ -343,7 +345,9 @@ def _plan_stacks(
         chunks = ownership.chunks(next_block, count) if entry.used else []
         if entry.used:
             mine = [(first, owned) for owner, first, owned in chunks if owner == rank]
-            distributed.keep_owned_rows(state[p], entry.region, count, *(mine[0] if mine else (0, 0)))
+            distributed.keep_owned_rows(
+                state.setdefault(p, {}), entry.region, count, *(mine[0] if mine else (0, 0))
+            )
         for owner, owned_first, owned_count in chunks:
             runs_by_rank[owner].append(BlockRun(p, entry.blocking, entry.region, owned_first, owned_count))
             if owner != rank:

@@ -25,7 +25,7 @@ from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import PRECISIONS, Precision
 from .linalg.roots import EIGEN_FIXES, METHODS, EigenFix, Method, matrices_per_chunk
-from .linalg.scaling import SCALINGS, Scaling
+from .linalg.scaling import SCALINGS, Scaling, hashed_start_vectors
 from .preconditioner import (
     GRAFTINGS,
     Grafting,
@@ -108,7 +108,11 @@ class DASH(Optimizer):
         nesterov: use Nesterov momentum.
         root_method: ``"eigh"``, ``"newton"``, ``"ndb"`` or ``"chebyshev"``
             (:func:`dash_shampoo.linalg.inverse_root`).
-        root_eps: ridge added to each factor's diagonal before the root.
+        root_eps: ridge added to each factor's diagonal before the root (absolute, as the paper's
+            ``eps`` and Distributed Shampoo's ``epsilon``).
+        root_eps_relative: a further ridge relative to each factor's scale: ``root_eps_relative ·
+            tr(F)/n`` (the mean eigenvalue), so singular factors (a few gradients so far) are
+            inverted on a scale set by their own magnitude, not by rounding noise.
         root_steps, root_tol: iterations (and optional per-matrix tolerance) of the Newton methods.
         scaling, scaling_steps, num_vectors, safety: spectral scaling of the iterative methods.
         precision: matmul precision of the iterative solvers (``"fp32"``, ``"tf32"``, ``"bf16"``,
@@ -132,10 +136,10 @@ class DASH(Optimizer):
             distribution (each process computes every block, as alone).
         communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
 
-    A root refresh that fails, is not finite or has an entry above ``100·root_eps^(-1/p)`` (an exact
-    root is below ``root_eps^(-1/p)``; a diverged low-precision iteration can be far above) keeps
-    the previous root of that factor (the identity before the first success) and is counted in
-    :attr:`root_failures`.
+    A root refresh that fails, is not finite or has an entry above ``100·r^(-1/p)``, with ``r`` the
+    factor's ridge (an exact root is below ``r^(-1/p)``; a diverged low-precision iteration can be
+    far above) keeps the previous root of that factor (the identity before the first success) and
+    is counted in :attr:`root_failures`. An all-zero factor keeps its previous root uncounted.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class DASH(Optimizer):
         nesterov: bool = False,
         root_method: Method = "ndb",
         root_eps: float = 1e-10,
+        root_eps_relative: float = 0.0,
         root_steps: int = 10,
         root_tol: float | None = None,
         scaling: Scaling = "power_multi",
@@ -192,6 +197,7 @@ class DASH(Optimizer):
             nesterov=nesterov,
             root_method=root_method,
             root_eps=root_eps,
+            root_eps_relative=root_eps_relative,
             root_steps=root_steps,
             root_tol=root_tol,
             scaling=scaling,
@@ -433,20 +439,26 @@ class DASH(Optimizer):
             return
         every = isinstance(rows, str)
         device = bank.factors.device
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + max(steps))
         factors = bank.factors if every else bank.factors.index_select(0, rows)
         old = bank.roots if every else bank.roots.index_select(0, rows)
+        start = None
+        if options.method != "eigh" and options.scaling in ("power", "power_multi"):
+            # Power iteration starts from vectors that depend on the factor and its step alone, so
+            # every stacking mode and number of processes gives the same scale.
+            salt = bank.row_steps(steps, rows) + self.seed * 1_000_003
+            count = 1 if options.scaling == "power" else options.num_vectors
+            start = hashed_start_vectors(bank.keys(rows), salt, bank.size, count, factors.dtype)
         call = RootCall(factors, bank.root, options)
-        solve = functools.partial(solve_inverse_root, factors, bank.root, options, generator=generator)
+        solve = functools.partial(solve_inverse_root, factors, bank.root, options, start=start)
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
-        new, ok = accept_roots(solve(), old, options.eps, bank.root)
+        new, ok, zero = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root)
         if every:
             bank.roots.copy_(new)
         else:
             bank.roots.index_copy_(0, rows, new)
         failures = self._failures.setdefault(device, torch.zeros((), dtype=torch.int64, device=device))
-        failures += (~ok).sum()
+        failures += (~(ok | zero)).sum()
 
     def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
         for group in self.param_groups:
@@ -540,6 +552,7 @@ def _check_group(group: dict[str, Any]) -> None:
     check_number("momentum", group["momentum"], low=0, high=1, high_open=True)
     check_choice("root_method", group["root_method"], METHODS)
     check_number("root_eps", group["root_eps"], low=0)
+    check_number("root_eps_relative", group["root_eps_relative"], low=0)
     check_number("root_steps", group["root_steps"], low=1, integer=True)
     if group["root_tol"] is not None:
         check_number("root_tol", group["root_tol"], low=0, low_open=True)

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from .linalg.roots import ridge
+
 Grafting = Literal["adam", "adagrad", "rmsprop", "sgd", "none"]
 GRAFTINGS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
 Scalar = float | torch.Tensor
@@ -51,6 +53,8 @@ def grafting_direction(
     none: ``ĝ``.
     """
     if grafting == "adam":
+        # v / (1 − β₂^t) <= max g² stays finite: gradients whose squares could overflow are
+        # skipped before they reach v (see DASH's statistics update).
         return g_hat / (moment / bias2).sqrt_().add_(eps)
     if grafting in ("rmsprop", "adagrad"):
         return g_hat / moment.sqrt().add_(eps)
@@ -70,13 +74,39 @@ def precondition(
 
 
 def block_norms(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each block, shape (S, 1, 1)."""
-    return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    """Frobenius norm of each block, shape (S, 1, 1), in float64 without overflow or underflow for
+    any finite input (the fp32 sum of squares overflows for entries of ~1e19/sqrt(mn) and underflows
+    for ~1e-23).
+
+    On an accelerator one reduction accumulating in float64 (no host synchronisation). On the CPU,
+    whose float64 reduction of fp32 input is not vectorised (20x slower), the fp32 norm, and only
+    when some block's norm is not finite or below 2^-60 (deciding that costs no device sync there)
+    the norms of the blocks scaled by a power of two near their largest entry.
+    """
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float64)
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    if bool((norms < 2.0**-60).any()) or not bool(torch.isfinite(norms).all()):
+        return _scaled_block_norms(x)
+    return norms.double()
+
+
+def _scaled_block_norms(x: torch.Tensor) -> torch.Tensor:
+    """:func:`block_norms` of each block divided by ``2^k`` near its largest entry, times ``2^k``."""
+    # max|x| as max(max x, −min x): two vectorised reductions (abs().amax() and the inf-norm are not).
+    largest = torch.maximum(x.amax(dim=(1, 2), keepdim=True), -x.amin(dim=(1, 2), keepdim=True))
+    exponent = torch.frexp(largest).exponent.clamp(-120, 120)
+    scale = torch.ldexp(torch.ones_like(largest), -exponent)
+    return torch.ldexp(torch.linalg.vector_norm(x * scale, dim=(1, 2), keepdim=True).double(), exponent)
 
 
 def graft(U: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero)."""
-    return U * (block_norms(direction) / block_norms(U).add_(1e-16))
+    """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero).
+
+    The ratio ``||D|| / (||U|| + 1e-16)`` is formed in float64 and capped at the largest fp32 value.
+    """
+    ratio = block_norms(direction) / (block_norms(U) + 1e-16)
+    return U * ratio.clamp_max(torch.finfo(U.dtype).max).to(U.dtype)
 
 
 def row_values(
@@ -155,19 +185,29 @@ ROOT_BOUND_SLACK = 100.0
 
 
 def accept_roots(
-    new: torch.Tensor, old: torch.Tensor, eps: float, p: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each refreshed root unless it is not finite or has an entry no exact root can have.
+    new: torch.Tensor, old: torch.Tensor, factors: torch.Tensor, eps: float, relative_eps: float, p: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep each refreshed root of ``factors`` unless it is not finite, has an entry no exact root can
+    have, or its factor is all zero.
 
-    Exact roots obey ``|X_ij| <= ||X||_2 <= eps^(-1/p)`` (every eigenvalue of the ridged factor is
-    at least ``eps``); a diverged iteration can be finite and 1e16 times beyond that. The slack
-    :data:`ROOT_BOUND_SLACK` allows for fp32 iterations on singular factors, which overshoot by a
-    few times (2.1x measured on the first refresh of the tiny trainer model).
+    Exact roots obey ``|X_ij| <= ||X||_2 <= r^(-1/p)``: every eigenvalue of the ridged factor is at
+    least the ridge ``r = eps + relative_eps · tr/n`` (:func:`~dash_shampoo.linalg.roots.ridge`); a
+    diverged iteration can be finite and 1e16 times beyond that. The slack :data:`ROOT_BOUND_SLACK`
+    allows for fp32 iterations on singular factors, which overshoot by a few times (2.1x measured
+    on the first refresh of the tiny trainer model). A factor with zero trace is the zero matrix (it
+    is PSD): it carries no curvature, and without a ridge it has no root at all, so its old root is
+    kept (this is not a failure).
 
     Returns:
-        ``(roots, ok)``: ``new`` where accepted, else ``old``; and the (K,) mask of accepted rows.
+        ``(roots, ok, zero)``: ``new`` where accepted, else ``old``; the (K,) mask of accepted rows
+        and the mask of all-zero factors (kept, not failed).
     """
-    bound = ROOT_BOUND_SLACK * eps ** (-1.0 / p) if eps > 0 else math.inf
+    added = ridge(factors, eps, relative_eps)
+    if isinstance(added, torch.Tensor):
+        bound = ROOT_BOUND_SLACK * added.double().pow(-1.0 / p).to(new.dtype)  # inf where added == 0
+    else:
+        bound = ROOT_BOUND_SLACK * added ** (-1.0 / p) if added > 0 else math.inf
     peak = new.abs().flatten(1).amax(dim=1)
-    ok = torch.isfinite(peak) & (peak <= bound)
-    return torch.where(ok[:, None, None], new, old), ok
+    zero = factors.diagonal(dim1=-2, dim2=-1).sum(dim=-1) == 0
+    ok = torch.isfinite(peak) & (peak <= bound) & ~zero
+    return torch.where(ok[:, None, None], new, old), ok, zero

@@ -155,6 +155,7 @@ class Bank:
     # Per row: the factor's ordinal in the whole layout (stacking-independent; for staggering).
     ordinals: list[int] = field(default_factory=list)
     _due: dict[tuple[int, ...], torch.Tensor | str | None] = field(default_factory=dict)
+    _keys: torch.Tensor | None = None
 
     def add(self, run: BlockRun, side: str, ordinals: range) -> int:
         """Append ``run``'s factors of ``side``; returns the first row they occupy."""
@@ -162,6 +163,21 @@ class Bank:
         self.ordinals.extend(ordinals)
         self.rows += run.count
         return self.rows - run.count
+
+    def keys(self, rows: torch.Tensor | str) -> torch.Tensor:
+        """The factor ordinals of ``rows`` (``"all"`` or an index tensor) as an int64 tensor on the
+        bank's device: what identifies a factor in every layout and on every rank."""
+        if self._keys is None:
+            self._keys = torch.tensor(self.ordinals, dtype=torch.int64, device=self.factors.device)
+        return self._keys if isinstance(rows, str) else self._keys.index_select(0, rows)
+
+    def row_steps(self, steps: list[int], rows: torch.Tensor | str) -> int | torch.Tensor:
+        """The step of each of ``rows`` given the entries' ``steps``: an int when all share one."""
+        if all(t == steps[0] for t in steps):
+            return steps[0]
+        per_row = [t for entry, t in zip(self.entries, steps) for _ in range(entry.run.count)]
+        tensor = torch.tensor(per_row, dtype=torch.int64, device=self.factors.device)
+        return tensor if isinstance(rows, str) else tensor.index_select(0, rows)
 
     def rows_by_run(self) -> Iterator[tuple[BlockRun, range]]:
         """Each run of the bank with the rows its factors occupy."""

@@ -194,7 +194,7 @@ def test_eigh_shift_on_indefinite_matrix(p):
     # "shift": λ(A + eps·I) − min(λ_min, 0) + eps = λ_A − λ_A,min + eps when A + eps·I is indefinite.
     A, _ = _indefinite()
     eps = 1e-3
-    X = inverse_root(A, p, "eigh", eps=eps)
+    X = inverse_root(A, p, "eigh", eps=eps, check=False)  # check=False: indefinite on purpose
     expected = _root_from_spectrum(A, lambda lam: (lam - lam.amin(-1, keepdim=True) + eps).pow(-1.0 / p))
     # Smallest shifted eigenvalue is eps = 1e-3 against λ_max ≈ 1.5: cond 1.5e3, fp64 bound.
     assert rel_err(X, expected) < rounding_bound(8, 1.5e3, p, EPS64)
@@ -205,7 +205,7 @@ def test_eigh_abs_on_indefinite_and_psd(p):
     # "abs": (|λ_A| + eps)^(-1/p); on a PSD matrix that is (A + eps·I)^(-1/p) (eps once).
     A, _ = _indefinite()
     eps = 1e-3
-    X = inverse_root(A, p, "eigh", eps=eps, eigen_fix="abs")
+    X = inverse_root(A, p, "eigh", eps=eps, eigen_fix="abs", check=False)
     expected = _root_from_spectrum(A, lambda lam: (lam.abs() + eps).pow(-1.0 / p))
     # The linspace spectrum has no eigenvalue at 0 (|λ| >= 0.07), so cond <= 1/0.07 < 20.
     assert rel_err(X, expected) < rounding_bound(8, 20, p, EPS64)

@@ -45,12 +45,39 @@ def _eye_like(A: torch.Tensor) -> torch.Tensor:
     return torch.eye(A.shape[-1], device=A.device, dtype=A.dtype).expand_as(A)
 
 
-def _with_ridge(A: torch.Tensor, eps: float) -> torch.Tensor:
-    """``A + eps·I`` in the compute dtype, as a new tensor (the input is never modified)."""
+def ridge(A: torch.Tensor, eps: float, relative_eps: float) -> float | torch.Tensor:
+    """The ridge added to each matrix: ``eps + relative_eps · tr(A)/n`` (a float when
+    ``relative_eps`` is 0, else one per matrix, shape (N,), in the compute dtype)."""
+    if not relative_eps:
+        return eps
+    mean_eigenvalue = A.to(_compute_dtype(A)).diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+    return eps + relative_eps * mean_eigenvalue
+
+
+def _with_ridge(A: torch.Tensor, added: float | torch.Tensor) -> torch.Tensor:
+    """``A + r·I`` in the compute dtype, as a new tensor (the input is never modified)."""
     X = A.to(_compute_dtype(A), copy=True)
-    if eps:
-        X.diagonal(dim1=-2, dim2=-1).add_(eps)
+    if isinstance(added, torch.Tensor):
+        X.diagonal(dim1=-2, dim2=-1).add_(added[:, None])
+    elif added:
+        X.diagonal(dim1=-2, dim2=-1).add_(added)
     return X
+
+
+def _power_of_two_scale(X: torch.Tensor, p: float) -> torch.Tensor:
+    """Per matrix the exponent ``k`` of ``2^k`` near ``max_ij |X_ij|``, a multiple of ``p`` when ``p``
+    is an integer: ``X / 2^k`` has entries of order one (no overflow or underflow in the iterations,
+    for inputs from 1e-38 to 3e38) and the root ``(X / 2^k)^(-1/p) · 2^(-k/p)`` is rescaled exactly."""
+    exponent = torch.frexp(X.abs().amax(dim=(-2, -1))).exponent.to(torch.int64).clamp(-120, 120)
+    step = int(p) if float(p).is_integer() else 1
+    return torch.div(exponent, step, rounding_mode="trunc") * step  # |k| <= 120: 2^±k is normal
+
+
+def _power_per_matrix(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """``x ** exponent`` for a per-matrix vector, computed in float64 and rounded back: the CPU's
+    vectorised and scalar ``pow`` differ in the last bit, and which one a matrix gets depends on the
+    size of its batch; rounded from float64 the result is the same in any batch."""
+    return x.double().pow(exponent).to(x.dtype)
 
 
 def _symmetrize(X: torch.Tensor) -> torch.Tensor:
@@ -104,17 +131,20 @@ def _eigh_one_by_one(
     return values, vectors, failed
 
 
-def _eigh_root(X: torch.Tensor, p: float, eps: float, eigen_fix: EigenFix) -> torch.Tensor:
-    """``A^(-1/p)`` by eigendecomposition of the ridged ``X = A + eps·I``, eigenvalues treated first.
+def _eigh_root(
+    X: torch.Tensor, p: float, eps: float, added: float | torch.Tensor, eigen_fix: EigenFix
+) -> torch.Tensor:
+    """``A^(-1/p)`` by eigendecomposition of the ridged ``X = A + r·I``, eigenvalues treated first.
 
-    With ``λ`` the eigenvalues of ``X`` and ``A = Q diag(λ_A) Qᵀ``:
+    With ``λ`` the eigenvalues of ``X``, ``r`` the ridge (``added``: ``eps``, plus the relative part)
+    and ``A = Q diag(λ_A) Qᵀ``:
 
     - ``"shift"`` (Shampoo's treatment): ``λ ← λ − min(λ_min, 0) + eps``, so the smallest is at least
       ``eps`` (``eps`` is thus added twice to a PSD matrix, as in Distributed Shampoo and DASH).
-    - ``"pinv"``: pseudo-inverse root of ``A`` itself: eigenvalues ``λ_A = λ − eps`` at or below
-      ``max(eps, n·ε_machine·λ_max)`` contribute zero instead of a huge value, and the kept ones
-      are inverted without the ridge (``eps`` serves only as the cut-off).
-    - ``"abs"``: ``λ ← |λ_A| + eps``.
+    - ``"pinv"``: pseudo-inverse root of ``A`` itself: eigenvalues ``λ_A = λ − r`` at or below
+      ``max(r, n·ε_machine·λ_max)`` contribute zero instead of a huge value, and the kept ones
+      are inverted without the ridge (``r`` serves only as the cut-off).
+    - ``"abs"``: ``λ ← |λ_A| + r``.
 
     Then ``A^(-1/p) = Q diag(λ^(-1/p)) Qᵀ``. Matrices whose decomposition fails come out as NaN
     (see :func:`eigh_with_fallback`). With ``eps = 0`` a singular matrix gives non-finite entries
@@ -122,15 +152,18 @@ def _eigh_root(X: torch.Tensor, p: float, eps: float, eigen_fix: EigenFix) -> to
     ``"pinv"``.
     """
     values, vectors, failed = eigh_with_fallback(X)
+    r = added[:, None] if isinstance(added, torch.Tensor) else added
     if eigen_fix == "shift":
         values = values - values.amin(dim=-1, keepdim=True).clamp_max(0) + eps
         weights = values.pow(-1.0 / p)
     elif eigen_fix == "abs":
-        weights = ((values - eps).abs() + eps).pow(-1.0 / p)
+        weights = ((values - r).abs() + r).pow(-1.0 / p)
     else:
-        values = values - eps
+        values = values - r
         n = values.shape[-1]
-        cutoff = (n * torch.finfo(values.dtype).eps * values.amax(dim=-1, keepdim=True)).clamp_min(eps)
+        cutoff = torch.maximum(
+            n * torch.finfo(values.dtype).eps * values.amax(dim=-1, keepdim=True), torch.as_tensor(r)
+        )
         keep = values > cutoff
         weights = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p), 0.0)
     root = _symmetrize((vectors * weights[:, None, :]) @ vectors.mT)
@@ -217,7 +250,7 @@ def _newton_root(
     precision = options.precision
     z = ((p + 1) / (2 * scale))[:, None, None]
     M = X * z
-    root = _eye_like(X) * z.pow(1.0 / p)
+    root = _eye_like(X) * _power_per_matrix(z, 1.0 / p)
     rule = _StoppingRule(X, options.tol, iterations)
     for _ in range(options.steps):
         rule.check(M)
@@ -331,7 +364,7 @@ def _chebyshev_root(
         b_after, b_next = b_next, b_k
     result = bmm(T, b_next, precision).sub_(b_after)
     result.diagonal(dim1=-2, dim2=-1).add_(coefficients[0])
-    result *= scale.pow(-1.0 / p)[:, None, None]
+    result *= _power_per_matrix(scale, -1.0 / p)[:, None, None]
     return _symmetrize(result)
 
 
@@ -348,6 +381,9 @@ class RootOptions:
         method: ``"eigh"``, ``"newton"`` (coupled Newton), ``"ndb"`` (Newton–Denman–Beavers) or
             ``"chebyshev"`` (Chebyshev series with Clenshaw).
         eps: ridge added to the diagonal before the root, ``>= 0``.
+        relative_eps: a further ridge relative to each matrix's scale, ``relative_eps · tr(A)/n``
+            (the mean eigenvalue), ``>= 0``: the root then sees eigenvalues of at least that
+            fraction of the mean, whatever the magnitude of the matrix.
         eigen_fix: eigenvalue treatment of ``"eigh"``: ``"shift"``, ``"pinv"`` or ``"abs"``.
         steps: iterations of ``"newton"`` and ``"ndb"`` (per stage); the maximum when ``tol`` is set.
         tol: per-matrix stopping tolerance on ``max|M − I|`` for the iterative methods.
@@ -365,6 +401,7 @@ class RootOptions:
 
     method: Method = "eigh"
     eps: float = 0.0
+    relative_eps: float = 0.0
     eigen_fix: EigenFix = "shift"
     steps: int = 10
     tol: float | None = None
@@ -384,6 +421,7 @@ class RootOptions:
             object.__setattr__(self, "scaling", "bound" if self.method == "chebyshev" else "power_multi")
         check_choice("scaling", self.scaling, SCALINGS)
         check_number("eps", self.eps, low=0)
+        check_number("relative_eps", self.relative_eps, low=0)
         check_number("steps", self.steps, low=1, integer=True)
         if self.tol is not None:
             check_number("tol", self.tol, low=0, low_open=True)
@@ -408,6 +446,7 @@ def inverse_root(
     method: Method = "eigh",
     *,
     eps: float = 0.0,
+    relative_eps: float = 0.0,
     eigen_fix: EigenFix = "shift",
     steps: int = 10,
     tol: float | None = None,
@@ -419,8 +458,10 @@ def inverse_root(
     degree: int = 40,
     interval_lower: float = 1e-3,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     iterations: torch.Tensor | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """``(A + eps·I)^(-1/p)`` for every matrix of the symmetric PSD stack ``A`` (N, n, n).
 
@@ -437,9 +478,14 @@ def inverse_root(
         method, eps, eigen_fix, steps, tol, scaling, scaling_steps, num_vectors, safety, precision,
             degree, interval_lower: see :class:`RootOptions`.
         generator: random source of power iteration; the global RNG is never used.
+        start: the power iteration's start vectors ``(N, n, k)`` instead of random ones (``k = 1``
+            for ``"power"``, ``num_vectors`` for ``"power_multi"``; see
+            :func:`~dash_shampoo.linalg.scaling.hashed_start_vectors`).
         out: optional output tensor of ``A``'s shape and dtype.
         iterations: optional int64 tensor of shape (N,) that receives each matrix's iterations
             (all stages of ``"ndb"``; zeros for ``"eigh"`` and ``"chebyshev"``).
+        check: refuse finite matrices that are visibly not symmetric PSD (see
+            :func:`check_symmetric_psd`: one pass over ``A`` and one host synchronisation).
 
     Returns:
         The roots in ``A``'s dtype (``out`` when given). A matrix whose eigendecomposition fails
@@ -448,13 +494,46 @@ def inverse_root(
     Raises:
         TypeError: ``A`` is not a floating tensor of shape (N, n, n), or ``out``, ``iterations`` or
             ``generator`` is not what is described above.
-        ValueError: an option is outside its allowed values.
+        ValueError: an option is outside its allowed values, or (with ``check``) a matrix of ``A`` is
+            not symmetric or has a negative diagonal entry.
     """
+    check_stack("A", A)
+    if check:
+        check_symmetric_psd(A)
     options = RootOptions(
-        method, eps, eigen_fix, steps, tol, scaling, scaling_steps, num_vectors, safety, precision, degree,
-        interval_lower,
+        method, eps, relative_eps, eigen_fix, steps, tol, scaling, scaling_steps, num_vectors, safety,
+        precision, degree, interval_lower,
     )  # fmt: skip
-    return solve_inverse_root(A, p, options, generator=generator, out=out, iterations=iterations)
+    return solve_inverse_root(A, p, options, generator=generator, start=start, out=out, iterations=iterations)
+
+
+def check_symmetric_psd(A: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first finite matrix of ``A`` (N, n, n) that is not symmetric
+    (``max|A − Aᵀ| > 64·n·ε·max|A|``) or has a diagonal entry below ``−64·n·ε·max|A|``.
+
+    Both are necessary conditions of positive semi-definiteness, cheap to test; an indefinite matrix
+    with a non-negative diagonal passes. Non-finite matrices are left to the solver (their roots
+    come out as NaN, or are refused by the optimizer).
+    """
+    X = A.to(_compute_dtype(A))
+    magnitude = X.abs().amax(dim=(-2, -1))
+    tol = 64 * X.shape[-1] * torch.finfo(X.dtype).eps * magnitude
+    asymmetry = (X - X.mT).abs().amax(dim=(-2, -1))
+    lowest = X.diagonal(dim1=-2, dim2=-1).amin(dim=-1)
+    finite = torch.isfinite(magnitude)
+    for name, bad in (("not symmetric", asymmetry > tol), ("not positive semi-definite", lowest < -tol)):
+        bad &= finite
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            detail = (
+                f"max|A - A^T| = {float(asymmetry[i]):.3g}"
+                if name == "not symmetric"
+                else (f"a diagonal entry is {float(lowest[i]):.3g}")
+            )
+            raise ValueError(
+                f"A[{i}] is {name} ({detail}, max|A| = {float(magnitude[i]):.3g}); inverse_root needs "
+                "symmetric positive semi-definite matrices (pass check=False to skip this test)"
+            )
 
 
 def solve_inverse_root(
@@ -463,6 +542,7 @@ def solve_inverse_root(
     options: RootOptions,
     *,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     iterations: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -477,15 +557,20 @@ def solve_inverse_root(
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     _check_like("out", out, A.shape, A.dtype)
     _check_like("iterations", iterations, A.shape[:1], torch.int64)
+    if start is not None and (start.ndim != 3 or start.shape[:2] != A.shape[:2]):
+        raise TypeError(
+            f"start must have shape (N, n, k) = ({A.shape[0]}, {A.shape[1]}, k); got {tuple(start.shape)}"
+        )
     result = torch.empty_like(A) if out is None else out
     if iterations is not None:
         iterations.zero_()
     size = matrices_per_chunk(A, CPU_CHUNK_ELEMENTS)
     with matmul_precision(options.precision, A.device):
-        for start in range(0, A.shape[0], size):
-            rows = slice(start, start + size)
+        for first in range(0, A.shape[0], size):
+            rows = slice(first, first + size)
             counts = None if iterations is None else iterations[rows]
-            result[rows] = _solve(A[rows], p, options, generator, counts)
+            vectors = None if start is None else start[rows]
+            result[rows] = _solve(A[rows], p, options, generator, vectors, counts)
     return result
 
 
@@ -494,17 +579,24 @@ def _solve(
     p: float,
     options: RootOptions,
     generator: torch.Generator | None,
+    start: torch.Tensor | None,
     iterations: torch.Tensor | None,
 ) -> torch.Tensor:
     """One chunk: ridge, scale, the method's loop; the root in the compute dtype."""
-    X = _with_ridge(A, options.eps)
+    added = ridge(A, options.eps, options.relative_eps)
+    X = _with_ridge(A, added)
     if options.method == "eigh":
-        return _eigh_root(X, p, options.eps, options.eigen_fix)
+        return _eigh_root(X, p, options.eps, added, options.eigen_fix)
+    exponent = _power_of_two_scale(X, p)
+    X = torch.ldexp(X, -exponent[:, None, None])
     scale = _spectral_scale(
-        X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator
+        X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator, start
     )
     solver = {"newton": _newton_root, "ndb": _ndb_root, "chebyshev": _chebyshev_root}[options.method]
-    return solver(X, p, scale, options, iterations)
+    root = solver(X, p, scale, options, iterations)
+    if float(p).is_integer():
+        return torch.ldexp(root, torch.div(-exponent, int(p), rounding_mode="trunc")[:, None, None])
+    return root * _power_per_matrix(torch.ldexp(torch.ones_like(scale), exponent), -1.0 / p)[:, None, None]
 
 
 def _check_like(name: str, value: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> None:

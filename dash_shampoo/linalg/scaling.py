@@ -13,12 +13,14 @@ The iterative inverse-root solvers need a scale ``s`` with ``λ_max(A) <= s`` (o
 
 Every estimate is computed on ``A / max_ij |A_ij|`` and scaled back, so fp32 matrices with entries
 near the ends of the range (1e-30, 1e20) neither underflow nor overflow in the squares of the norms.
-Random vectors come from the caller's ``torch.Generator``; the global RNG is never touched.
+Start vectors come from the caller's ``torch.Generator``, or are given: :func:`hashed_start_vectors`
+makes them a pure function of a key per matrix (an integer hash, the same on every device and for
+any batch the matrix sits in). The global RNG is never touched.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -28,12 +30,41 @@ Scaling = Literal["fro", "power", "power_multi", "bound"]
 SCALINGS: tuple[str, ...] = ("fro", "power", "power_multi", "bound")
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Any) -> Any:
+    """A bijective mix of 32-bit integers (Python ints or int64 tensors holding values below 2^32):
+    xor-shift / multiply-by-odd rounds whose int64 products never overflow (constants < 2^31)."""
+    for constant in (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39):
+        x = x ^ (x >> 16)
+        x = (x * constant) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_start_vectors(
+    keys: torch.Tensor, salt: int | torch.Tensor, n: int, count: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Start vectors ``(K, n, count)``, uniform in ``[-1, 1)``, that depend only on each matrix's
+    ``keys`` entry, the ``salt`` (an int, or one per matrix) and the position in the vector.
+
+    Integer hashing on the keys' device: the same vectors on a CPU and a GPU, and for a matrix in
+    any batch, chunk or rank. Only the low 32 bits of keys and salt are used.
+    """
+    salt = salt.to(torch.int64) & _MASK32 if isinstance(salt, torch.Tensor) else salt & _MASK32
+    per_matrix = _hash32(_hash32(keys.to(torch.int64) & _MASK32) ^ _hash32(salt))
+    position = torch.arange(n * count, device=keys.device, dtype=torch.int64).view(1, n, count)
+    bits = _hash32((per_matrix.view(-1, 1, 1) + _hash32(position ^ 0x5BD1E995)) & _MASK32)
+    return bits.to(dtype) * 2.0**-31 - 1
+
+
 def power_iteration(
     A: torch.Tensor,
     *,
     steps: int = 10,
     num_vectors: int = 1,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Largest Rayleigh quotient ``max_k v_kᵀ A v_k`` after ``steps`` power iterations, per matrix.
 
@@ -42,15 +73,20 @@ def power_iteration(
         steps: power iterations ``V ← A V / ||A V||`` (column-wise).
         num_vectors: random start vectors per matrix (``k``); the estimate is the largest quotient.
         generator: source of the start vectors (a fixed default seed when ``None``).
+        start: the start vectors ``(N, n, k)`` themselves (then ``num_vectors`` and ``generator``
+            are not used), e.g. from :func:`hashed_start_vectors`.
 
     Returns:
         Tensor of shape (N,) with lower bounds of ``λ_max`` (exact in the limit of many steps).
     """
     A, magnitude = _normalized(A)
     n = A.shape[-1]
-    if generator is None:
-        generator = torch.Generator(device=A.device).manual_seed(0)
-    V = torch.randn(A.shape[0], n, num_vectors, generator=generator, device=A.device, dtype=A.dtype)
+    if start is not None:
+        V = start.to(A.dtype)
+    else:
+        if generator is None:
+            generator = torch.Generator(device=A.device).manual_seed(0)
+        V = torch.randn(A.shape[0], n, num_vectors, generator=generator, device=A.device, dtype=A.dtype)
     V = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
     for _ in range(steps):
         V = torch.bmm(A, V)
@@ -73,18 +109,20 @@ def spectral_scale(
     num_vectors: int = 16,
     safety: float = 2.0,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A per-matrix scale ``s`` of shape (N,) with ``λ_max(A) <= s`` (guaranteed for fro/bound).
 
     ``safety`` multiplies only the power-iteration estimates (which are lower bounds); the Frobenius
     norm and the norm bound are already upper bounds. The result is never smaller than the smallest
-    positive normal number, so ``A / s`` is always defined.
+    positive normal number, so ``A / s`` is always defined. ``start``: the power iteration's start
+    vectors (see :func:`power_iteration`).
     """
     check_choice("scaling", method, SCALINGS)
     check_number("scaling_steps", steps, low=0, integer=True)
     check_number("num_vectors", num_vectors, low=1, integer=True)
     check_number("safety", safety, low=0, low_open=True)
-    return _spectral_scale(A, method, steps, num_vectors, safety, generator)
+    return _spectral_scale(A, method, steps, num_vectors, safety, generator, start)
 
 
 def _spectral_scale(
@@ -94,6 +132,7 @@ def _spectral_scale(
     num_vectors: int,
     safety: float,
     generator: torch.Generator | None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`spectral_scale` without the argument checks (for callers that validated them once)."""
     tiny = torch.finfo(A.dtype).tiny
@@ -105,5 +144,7 @@ def _spectral_scale(
         scale = scale * magnitude
     else:
         vectors = 1 if method == "power" else num_vectors
-        scale = safety * power_iteration(A, steps=steps, num_vectors=vectors, generator=generator)
+        scale = safety * power_iteration(
+            A, steps=steps, num_vectors=vectors, generator=generator, start=start
+        )
     return scale.clamp_min(tiny)

@@ -60,8 +60,8 @@ FINAL_LR_FRACTION = 0.1  # the cosine ends at lr/10
 #: Options that must match between a checkpoint and the run that resumes it.
 RESUME_KEYS = tuple(
     "model d_model n_layer n_head seq_len batch_size steps warmup weight_decay grad_clip seed block_size "
-    "root_method scaling precision stacking precondition_frequency start_preconditioning_step data "
-    "corpus_bytes".split()
+    "root_method scaling root_eps root_eps_relative precision stacking precondition_frequency "
+    "start_preconditioning_step data corpus_bytes".split()
 )
 
 
@@ -186,6 +186,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--block-size", type=count, default=128, help="DASH block size (default 128)")
     optim.add_argument("--root-method", default="ndb", choices=METHODS, help="DASH inverse-root solver")
     optim.add_argument("--scaling", default=None, choices=SCALINGS, help="spectral scaling (default: DASH's)")
+    optim.add_argument(
+        "--root-eps", type=number(float, 0), help="absolute ridge of the roots (default: DASH's)"
+    )
+    optim.add_argument(
+        "--root-eps-relative", type=number(float, 0), help="ridge relative to tr/n (default: DASH's)"
+    )
     optim.add_argument("--precision", default="fp32", choices=PRECISIONS, help="solver matmul precision")
     optim.add_argument(
         "--stacking",
@@ -285,8 +291,9 @@ def dash_options(args: argparse.Namespace) -> dict[str, Any]:
         "precondition_frequency": args.precondition_frequency,
         "start_preconditioning_step": args.start_preconditioning_step,
     }
-    if args.scaling is not None:
-        options["scaling"] = args.scaling
+    for key in ("scaling", "root_eps", "root_eps_relative"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     return options
 
 
