@@ -160,7 +160,7 @@ def _build(
         precondition_frequency=frequency,
         root_method=spec["root_method"],
         process_group=None if distribution == "shared" else False,
-        communication=communication,  # type: ignore[arg-type]
+        communication=communication,
     )
     return optimizer, params
 
@@ -210,6 +210,7 @@ def _run_frequency(
         dist.all_gather(gathered, local)
         sums = [g.cpu().tolist() for g in gathered]
         refresh, other = (stats(part) for part in split_refresh(samples[config], frequency))
+        deviation = None if reference is None else _largest_difference(params, reference)
         records.append(
             {
                 "config": config,
@@ -225,9 +226,7 @@ def _run_frequency(
                 "skipped_steps": optimizer.skipped_steps,
                 "checksums": sums,
                 "ranks_equal": all(s == sums[0] for s in sums),
-                "max_abs_diff_vs_replicated": None
-                if reference is None
-                else _largest_difference(params, reference),
+                "max_abs_diff_vs_replicated": deviation,
                 "max_abs_change": _largest_difference(params, initial),
             }
         )

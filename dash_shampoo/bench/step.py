@@ -96,7 +96,7 @@ class Preset:
 LLM_SETS = ("mini", "small", "124m", "350m", "953m-rank")
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
-        "mini: stackings × solvers × block sizes and the peers; one or two rows per larger model",
+        "the committed CPU results: mini (stackings, solvers, block sizes, peers) and a few larger rows",
         (
             Grid(("mini",), (256,), (10,), STACKINGS, ("ndb", "eigh", "newton"), peers=True),
             Grid(("mini",), (256,), (1,), STACKINGS),
@@ -370,6 +370,8 @@ def time_row(
 ) -> dict[str, Any]:
     """Build the optimizer of ``spec``, warm it up, time its steps; the row's measurements."""
     optimizer = _build(spec, params)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the row's own peak, not the run's
     recorder, handle = None, None
     if isinstance(optimizer, DASH):
         recorder = SolverRecorder(device)
