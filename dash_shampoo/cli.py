@@ -1,4 +1,4 @@
-"""The ``dash-shampoo`` command: ``train``, ``roots`` (solver study) and ``bench`` (step timings)."""
+"""The ``dash-shampoo`` command: ``train`` and ``bench roots|step|dist`` (solver study, step timings)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import sys
 # one command's optional dependencies never slow down or break another.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dash_shampoo.train.trainer", "train a Llama-style language model with DASH or AdamW"),
-    "roots": ("dash_shampoo.bench.roots", "inverse-root solver study (error and time per method)"),
-    "bench": ("dash_shampoo.bench.cli", "optimizer-step benchmarks: `bench step`, `bench dist`"),
+    "bench": ("dash_shampoo.bench.cli", "benchmarks: `bench roots` (solvers), `bench step`, `bench dist`"),
 }
 
 

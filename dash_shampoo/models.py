@@ -6,8 +6,10 @@ self-attention, a SwiGLU MLP, an untied token embedding and output head, no bias
 and weights drawn from N(0, 0.02²) (the two residual output projections of each block from
 N(0, (0.02/sqrt(2·n_layer))²), as in GPT-2 and llm-baselines).
 
-Named sizes (:data:`SIZES`) go from ``tiny`` (about one million parameters with a byte vocabulary;
-trains in minutes on two CPU cores) to ``350m``. The vocabulary is set by the data.
+Named sizes (:data:`SIZES`) go from ``micro`` (for tests) and ``tiny`` (about one million parameters
+with a byte vocabulary; trains in minutes on two CPU cores) to ``350m``. Each name means one model
+everywhere: the trainer trains it and ``dash-shampoo bench`` takes its parameter shapes from it
+(:func:`parameter_shapes`). A size's vocabulary is a default that the trainer's data replaces.
 """
 
 from __future__ import annotations
@@ -79,12 +81,15 @@ class ModelConfig:
         return _round_up(int(2 * 4 * self.d_model / 3), self.multiple_of)
 
 
-#: Named model sizes (vocabulary and sequence length may be overridden by the data and the CLI).
+#: Named model sizes. The vocabulary is the one the benchmarks use; the trainer replaces it with
+#: its data's (and the sequence length and shape with its options).
 SIZES: dict[str, ModelConfig] = {
+    "micro": ModelConfig(vocab_size=512, d_model=64, n_layer=2, n_head=2, seq_len=128, multiple_of=64),
     "tiny": ModelConfig(d_model=128, n_layer=4, n_head=4, seq_len=128, multiple_of=64),
-    "small": ModelConfig(d_model=384, n_layer=6, n_head=6, seq_len=256, multiple_of=128),
-    "124m": ModelConfig(d_model=768, n_layer=12, n_head=12, seq_len=1024, multiple_of=256),
-    "350m": ModelConfig(d_model=1024, n_layer=24, n_head=16, seq_len=1024, multiple_of=256),
+    "mini": ModelConfig(vocab_size=4096, d_model=256, n_layer=4, n_head=4, seq_len=256, multiple_of=256),
+    "small": ModelConfig(vocab_size=32000, d_model=384, n_layer=6, n_head=6, seq_len=256, multiple_of=128),
+    "124m": ModelConfig(vocab_size=32000, d_model=768, n_layer=12, n_head=12, seq_len=1024, multiple_of=256),
+    "350m": ModelConfig(vocab_size=32000, d_model=1024, n_layer=24, n_head=16, seq_len=1024, multiple_of=256),
 }
 
 
@@ -198,7 +203,8 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(config.d_model // config.n_head, config.seq_len, config.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.reset_parameters(generator if generator is not None else torch.Generator().manual_seed(0))
+        if not self.head.weight.is_meta:  # a meta model has shapes only (parameter_shapes)
+            self.reset_parameters(generator if generator is not None else torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -227,3 +233,11 @@ class Llama(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def parameter_shapes(config: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of every parameter of ``Llama(config)`` in model order, built on the meta
+    device (nothing is allocated, so the largest sizes cost nothing)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

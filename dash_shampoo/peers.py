@@ -1,4 +1,5 @@
-"""Other Shampoo-family optimizers timed by ``bench step`` beside DASH, each an optional import.
+"""Other Shampoo-family optimizers a user could pick instead of DASH (timed by ``bench step``), each
+an optional import.
 
 A peer is built with the benchmark's block size ``B`` (or its nearest equivalent, e.g. the largest
 preconditioned dimension) and refresh period ``F``, and otherwise with its own defaults except where
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 Shapes = Sequence[tuple[int, ...]]
-Builder = Callable[[list[torch.Tensor], int, int], torch.optim.Optimizer]
+#: ``build(params, block_size, frequency, lr=LR)``: the peer's optimizer on ``params``.
+Builder = Callable[..., torch.optim.Optimizer]
 
 #: Largest dimension a peer without blocking may build a full ``d × d`` factor for, per device type
 #: (bytes and an O(d³) SVD per refresh: 32000² is 4.1 GB; a 4096² SVD takes about a minute on one
@@ -35,16 +37,14 @@ class Peer:
     """One optimizer from another package.
 
     Attributes:
-        name: row label, ``package.Class``.
-        module: module to import (its absence makes a "not installed" row).
+        name: row label, ``package.Class`` (the package's absence makes a "not installed" row).
         settings: how this row's settings and algorithm differ from DASH's (``{B}``/``{F}`` are
             filled in).
-        build: ``build(params, block_size, frequency)``, called after the import succeeded.
+        build: ``build(params, block_size, frequency, lr=LR)``, called after the import succeeded.
         check: optional ``check(shapes, block_size, device)`` returning a reason to skip, or None.
     """
 
     name: str
-    module: str
     settings: str
     build: Builder
     check: Callable[[Shapes, int, torch.device], str | None] | None = None
@@ -56,7 +56,7 @@ class Peer:
     def unavailable(self, shapes: Shapes, block_size: int, device: torch.device) -> str | None:
         """Why this peer cannot run here (import error, device, size), or None when it can."""
         try:
-            importlib.import_module(self.module)
+            importlib.import_module(self.name.partition(".")[0])
         except Exception as error:  # ImportError, or a package that fails while importing
             return f"not installed ({type(error).__name__}: {error})"
         if self.check is not None:
@@ -64,63 +64,36 @@ class Peer:
         return None
 
 
-# ---------------------------------------------------------------------------------------------
-# pytorch_optimizer (kozistr)
-# ---------------------------------------------------------------------------------------------
+def _constructor(path: str, block_key: str | None, frequency_key: str, **options: Any) -> Builder:
+    """A builder of the class at ``path`` (``module.Class``) that passes the learning rate, the block
+    size as ``block_key`` (none if None), the refresh period as ``frequency_key`` and ``options``."""
+    module_name, _, class_name = path.rpartition(".")
+
+    def build(
+        params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
+    ) -> torch.optim.Optimizer:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        sized = {block_key: block_size} if block_key else {}
+        return cls(params, lr=lr, **sized, **{frequency_key: frequency}, **options)
+
+    return build
 
 
-def _po_dash(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
-    from pytorch_optimizer import DASH as PoDASH
-
-    return PoDASH(
-        params,
-        lr=LR,
-        betas=BETAS,
-        block_size=block_size,
-        precondition_frequency=frequency,
-        inverse_root_method="newton_db",
-        matrix_scaling="power",
-        newton_steps=10,
-        power_iteration_steps=10,
-        power_iteration_vectors=16,
-        eps=1e-8,
-        matrix_eps=1e-10,
-    )
-
-
-def _po_shampoo(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
-    from pytorch_optimizer import Shampoo
-
-    return Shampoo(params, lr=LR, preconditioning_compute_steps=frequency)
-
-
-def _po_scalable(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
-    from pytorch_optimizer import ScalableShampoo
+def _scalable_shampoo(
+    params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
+) -> torch.optim.Optimizer:
     from pytorch_optimizer.optimizer.utils.graft import LayerWiseGrafting
 
-    return ScalableShampoo(
-        params,
-        lr=LR,
+    build = _constructor(
+        "pytorch_optimizer.ScalableShampoo",
+        "block_size",
+        "preconditioning_compute_steps",
         betas=BETAS,
-        block_size=block_size,
         start_preconditioning_step=1,
-        preconditioning_compute_steps=frequency,
         no_preconditioning_for_layers_with_dim_gt=10**9,
         graft_type=LayerWiseGrafting.RMSPROP,
     )
-
-
-def _po_soap(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
-    from pytorch_optimizer import SOAP
-
-    return SOAP(
-        params,
-        lr=LR,
-        betas=BETAS,
-        weight_decay=0.0,
-        precondition_frequency=frequency,
-        max_precondition_dim=block_size,
-    )
+    return build(params, block_size, frequency, lr)
 
 
 def _unblocked_check(shapes: Shapes, block_size: int, device: torch.device) -> str | None:
@@ -135,39 +108,32 @@ def _unblocked_check(shapes: Shapes, block_size: int, device: torch.device) -> s
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# heavyball
-# ---------------------------------------------------------------------------------------------
-
-
 def _heavyball(class_name: str) -> Builder:
-    def build(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
-        import heavyball
+    construct = _constructor(
+        f"heavyball.{class_name}",
+        "max_precond_dim",
+        "precondition_frequency",
+        betas=BETAS,
+        weight_decay=0.0,
+        use_precond_schedule=False,
+        compile_step=False,
+    )
+
+    def build(
+        params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
+    ) -> torch.optim.Optimizer:
         import heavyball.utils
 
         # Eager mode: torch.compile's first step on a CPU takes minutes and is not the step.
         heavyball.utils.compile_mode = None
-        cls = getattr(heavyball, class_name)
-        return cls(
-            params,
-            lr=LR,
-            betas=BETAS,
-            weight_decay=0.0,
-            precondition_frequency=frequency,
-            max_precond_dim=block_size,
-            use_precond_schedule=False,
-            compile_step=False,
-        )
+        return construct(params, block_size, frequency, lr)
 
     return build
 
 
-# ---------------------------------------------------------------------------------------------
-# ista-daslab-optimizers (the authors' DashGpu)
-# ---------------------------------------------------------------------------------------------
-
-
-def _dash_gpu(params: list[torch.Tensor], block_size: int, frequency: int) -> torch.optim.Optimizer:
+def _dash_gpu(
+    params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
+) -> torch.optim.Optimizer:
     from ista_daslab_optimizers import (  # type: ignore[import-not-found]
         DashConfig,
         DashGpu,
@@ -182,7 +148,7 @@ def _dash_gpu(params: list[torch.Tensor], block_size: int, frequency: int) -> to
         matrix_scaling_type=DashMatrixScalingType.from_string("pim"),
         mu=0.0,
     )
-    return DashGpu(params, lr=LR, weight_decay=0.0, config=config)
+    return DashGpu(params, lr=lr, weight_decay=0.0, config=config)
 
 
 def _needs_cuda(shapes: Shapes, block_size: int, device: torch.device) -> str | None:
@@ -194,50 +160,61 @@ def _needs_cuda(shapes: Shapes, block_size: int, device: torch.device) -> str | 
 PEERS: tuple[Peer, ...] = (
     Peer(
         "pytorch_optimizer.DASH",
-        "pytorch_optimizer",
         "B={B}, F={F}; newton_db (= ndb, 10 steps), PI scale in bf16 ×2 (16 vectors); per-layer loop "
         "(layerwise batching only); same Adam grafting, EMA 0.95, matrix_eps 1e-10",
-        _po_dash,
+        _constructor(
+            "pytorch_optimizer.DASH",
+            "block_size",
+            "precondition_frequency",
+            betas=BETAS,
+            inverse_root_method="newton_db",
+            matrix_scaling="power",
+            newton_steps=10,
+            power_iteration_steps=10,
+            power_iteration_vectors=16,
+            eps=1e-8,
+            matrix_eps=1e-10,
+        ),
     ),
     Peer(
         "pytorch_optimizer.Shampoo",
-        "pytorch_optimizer",
         "no blocking (one d×d factor per dimension), F={F}; SVD roots, factor sums (no EMA), "
         "no grafting, matrix_eps 1e-6",
-        _po_shampoo,
+        _constructor("pytorch_optimizer.Shampoo", None, "preconditioning_compute_steps"),
         _unblocked_check,
     ),
     Peer(
         "pytorch_optimizer.ScalableShampoo",
-        "pytorch_optimizer",
         "B={B}, F={F}, start 1, all layers preconditioned; RMSProp grafting (no Adam), Nesterov "
         "momentum β1 0.9, β2 0.95; Schur–Newton roots per block in a loop; matrix_eps 1e-6",
-        _po_scalable,
+        _scalable_shampoo,
     ),
     Peer(
         "pytorch_optimizer.SOAP",
-        "pytorch_optimizer",
         "SOAP (Adam in Shampoo's eigenbasis), max_precondition_dim={B} (no blocking: larger dims "
         "are not rotated), F={F} QR refresh, betas (0.9, 0.95), wd 0",
-        _po_soap,
+        _constructor(
+            "pytorch_optimizer.SOAP",
+            "max_precondition_dim",
+            "precondition_frequency",
+            betas=BETAS,
+            weight_decay=0.0,
+        ),
     ),
     Peer(
         "heavyball.SOAP",
-        "heavyball",
         "SOAP, max_precond_dim={B} (no blocking: larger dims not rotated), F={F} fixed "
         "(no precond schedule), eager (compile off), wd 0",
         _heavyball("SOAP"),
     ),
     Peer(
         "heavyball.KLShampoo",
-        "heavyball",
         "KL-Shampoo (heavyball has no plain Shampoo), max_precond_dim={B} (no blocking), F={F} "
         "fixed, eager (compile off), no grafting, wd 0",
         _heavyball("KLShampoo"),
     ),
     Peer(
         "ista_daslab_optimizers.DashGpu",
-        "ista_daslab_optimizers",
         "the authors' DashGpu: B={B}, F={F}, NDB, PI-multi scale (bf16), Adam grafting",
         _dash_gpu,
         _needs_cuda,
@@ -245,16 +222,22 @@ PEERS: tuple[Peer, ...] = (
 )
 
 
+def _matches(peer: Peer, name: str) -> bool:
+    return name.lower() in (peer.name.lower(), peer.name.rsplit(".", 1)[-1].lower())
+
+
 def find(names: Sequence[str] | None) -> list[Peer]:
-    """The peers named in ``names`` (full name or class name, case-insensitive); all when None."""
+    """The peers named in ``names`` (full name or class name, case-insensitive); all when None.
+
+    Raises:
+        ValueError: a name that matches no peer.
+    """
     if names is None:
         return list(PEERS)
-    wanted = {n.lower() for n in names}
-    chosen = [p for p in PEERS if p.name.lower() in wanted or p.name.split(".")[-1].lower() in wanted]
-    unknown = wanted - {p.name.lower() for p in chosen} - {p.name.split(".")[-1].lower() for p in chosen}
+    unknown = [name for name in names if not any(_matches(peer, name) for peer in PEERS)]
     if unknown:
-        raise ValueError(f"unknown peer(s) {sorted(unknown)}; known: {', '.join(p.name for p in PEERS)}")
-    return chosen
+        raise ValueError(f"unknown peer(s) {unknown}; known: {', '.join(p.name for p in PEERS)}")
+    return [peer for peer in PEERS if any(_matches(peer, name) for name in names)]
 
 
 def state_bytes(state: Any) -> int:

@@ -1,4 +1,4 @@
-"""Smoke test of the multi-process benchmark: ``dash-shampoo bench dist --quick`` (1 and 2 gloo ranks)."""
+"""Smoke test of the multi-process benchmark: `bench dist --preset quick` (1 and 2 gloo ranks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from dash_shampoo.bench.shapes import MODELS
+from dash_shampoo.bench.shapes import shape_set
 from dash_shampoo.cli import main
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
     """Every (world, F, config, rank) row is there with finite timings; ranks agree bitwise."""
-    assert main(["bench", "dist", "--quick", "--backend", "gloo", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "dist", "--preset", "quick", "--backend", "gloo", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "dist-cpu.json").read_text())
     for key in ("command", "device", "torch", "python", "date"):
         assert report[key]
@@ -57,7 +57,7 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
             owned[key] = owned.get(key, 0) + row["stats"]["owned_blocks"]
     for (world, frequency, _), count in owned.items():
         assert count == total[world, frequency]
-    numel = MODELS[report["model"]["name"]].numel
+    numel = shape_set(report["model"]["name"]).numel
     for summary in report["summaries"]:
         assert summary["ranks_equal"]
         if summary["world"] == 2 and summary["config"] != "replicated":

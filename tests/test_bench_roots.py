@@ -1,4 +1,4 @@
-"""Smoke test of the solver study: ``dash-shampoo roots --quick`` writes its JSON, markdown and PNG."""
+"""Smoke test of the solver study: `bench roots --preset quick` writes its JSON, markdown and PNG."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dash_shampoo.linalg import METHODS
 
 def test_roots_quick_writes_finite_results(tmp_path: Path) -> None:
     """Every method has accuracy rows with finite errors and times; the scaling study has rows too."""
-    assert main(["roots", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "roots", "--preset", "quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "roots-cpu.json").read_text())
     assert report["device_type"] == "cpu"
     for key in ("command", "device", "torch", "python", "date"):

@@ -1,1 +1,1 @@
-"""Benchmarks: solver study, optimizer-step timings, peers."""
+"""Benchmarks (``dash-shampoo bench roots|step|dist``): the solver study, step and multi-process timings."""

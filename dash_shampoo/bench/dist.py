@@ -3,10 +3,9 @@
 For each world size of ``--worlds`` the command spawns that many processes (``torch.multiprocessing``,
 ``spawn``, ``file://`` rendezvous). The backend is NCCL with one GPU per rank when CUDA is available
 with at least as many GPUs as the largest world size, else gloo on the CPU (one backend for all
-rows). Every rank builds the same parameters (a Llama-style shape set of
-:mod:`dash_shampoo.bench.shapes`, ``--model``) with the same seeded random gradients, as DDP
-would leave them after its all-reduce, and times ``optimizer.step()`` of three configurations of
-the same DASH:
+rows). Every rank builds the same parameters (a shape set of :mod:`dash_shampoo.bench.shapes`)
+with the same seeded random gradients, as DDP would leave them after its all-reduce, and times
+``optimizer.step()`` of three configurations of the same DASH:
 
 - ``shared-fp32``: the default process group, so each rank refreshes and applies its share of the
   blocks and the updates are all-gathered in float32;
@@ -18,11 +17,13 @@ the same DASH:
 The configurations are interleaved step by step (step ``t`` of each configuration, then step
 ``t + 1``), so that drifting load on a shared machine affects all of them alike. Before every step
 the ranks meet at a ``dist.barrier()`` (after ``torch.cuda.synchronize()`` on a GPU); each rank then
-times its own ``step()`` with ``time.perf_counter`` (synchronising again on a GPU). ``--warmup`` steps
-(the first one builds the plan) are not timed. With refresh period ``F > 1`` the steps that refresh
-the roots (``t = 1`` or ``t % F == 0``) and the other steps are timed separately, until
-``--repeats`` other steps and ``--refresh-repeats`` refresh steps are in; the per-step figure is the
-amortised ``(refresh + (F − 1)·other) / F`` of the medians (for ``F = 1`` the median of all steps).
+times its own ``step()`` with ``time.perf_counter`` (synchronising again on a GPU). ``warmup`` steps
+(the first one builds the layout) are not timed. With refresh period ``F > 1`` the steps that
+refresh the roots (DASH's schedule) and the other steps are timed separately, until ``repeats``
+other steps and ``refresh_repeats`` refresh steps are in; the per-step figure is the amortised
+``(refresh + (F − 1)·other) / F`` of the medians (for ``F = 1`` the median of all steps). These
+settings, the model, block size, world sizes and root solver come from a preset (:data:`PRESETS`);
+options given on the command line replace the preset's values.
 The *job* step time is the slowest rank at each step (the exchange makes every rank wait for the
 slowest). After the timed steps every rank computes a checksum of its parameters' bits and the
 checksums are all-gathered: the ranks must agree bitwise in every configuration.
@@ -40,8 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -55,8 +54,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
-from ..results import command_text, cpu_count, cpu_model, device_slug, ms, spread, write_report
-from .shapes import MODELS, make_parameters
+from ..results import RunRecord, cpu_count, markdown_table, metadata_lines, ms, ratio, spread, write_report
+from .shapes import SET_NAMES, ShapeSet, make_parameters, shape_set
+from .timing import per_step, split_refresh, stats, sync
 
 #: The configurations: name -> (how the work is distributed, communication dtype).
 CONFIGS: dict[str, tuple[str, str]] = {
@@ -64,132 +64,75 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "shared-bf16": ("shared", "bf16"),
     "replicated": ("replicated", "fp32"),
 }
-#: Root solver per device for ``--root-method auto``: the paper's NDB on GPUs; on a CPU eigh, since
-#: one NDB refresh of ``mini`` at block 256 took 3.5 s against 0.55 s for eigh (2 threads, measured
-#: once while writing this module), too slow for a default run of a few minutes.
-AUTO_METHOD: dict[str, str] = {"cuda": "ndb", "cpu": "eigh"}
-#: Defaults per device: warm-up steps, other-step samples, refresh-step samples (F > 1).
-DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
-    "cuda": {"warmup": 3, "repeats": 20, "refresh_repeats": 5},
-    "cpu": {"warmup": 2, "repeats": 10, "refresh_repeats": 3},
-}
+#: Named option sets (``--preset``; default ``gpu`` with a GPU per rank, else ``cpu``). The CPU
+#: preset uses eigh: one NDB refresh of ``mini`` at block 256 took 3.5 s against 0.55 s for eigh
+#: (2 threads, measured once while writing this module), too slow for a run of a few minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {"model": "mini", "block_size": 256, "worlds": [1, 2, 3], "frequencies": [1, 10],
+            "root_method": "ndb", "warmup": 3, "repeats": 20, "refresh_repeats": 5},
+    "cpu": {"model": "mini", "block_size": 256, "worlds": [1, 2, 3], "frequencies": [1, 10],
+            "root_method": "eigh", "warmup": 2, "repeats": 10, "refresh_repeats": 3},
+    "quick": {"model": "micro", "block_size": 32, "worlds": [1, 2], "frequencies": [1, 10],
+              "root_method": "eigh", "warmup": 1, "repeats": 3, "refresh_repeats": 1},
+}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``bench dist``."""
+    """Options of ``bench dist``; unset options take the preset's values."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    parser.add_argument("--worlds", type=int, nargs="+", default=None, help="process counts (1 2 3)")
-    parser.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default mini)")
-    parser.add_argument("--block-size", type=int, default=None, help="DASH block_size (default 256)")
-    parser.add_argument("--frequencies", type=int, nargs="+", default=None, help="refresh periods (1 10)")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--preset", choices=tuple(PRESETS), help="gpu with a GPU per rank, else cpu; quick: a smoke test")
+    add("--worlds", type=int, nargs="+", help="process counts")
+    add("--model", choices=SET_NAMES, help="parameter shapes")
+    add("--block-size", type=int, help="DASH block_size")
+    add("--frequencies", type=int, nargs="+", help="refresh periods")
+    add(
         "--configs",
         nargs="+",
         choices=tuple(CONFIGS),
         default=list(CONFIGS),
-        help="configurations to time (speed-ups need replicated)",
+        help="what to time (× replicated needs replicated)",
     )
-    parser.add_argument(
-        "--root-method",
-        default="auto",
-        help="DASH root_method; auto: ndb on CUDA, eigh on a CPU (see AUTO_METHOD)",
-    )
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (cpu 2, cuda 3)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed (other) steps (cpu 10, cuda 20)")
-    parser.add_argument(
-        "--refresh-repeats", type=int, default=None, help="timed refresh steps when F > 1 (cpu 3, cuda 5)"
-    )
-    parser.add_argument(
-        "--backend",
-        choices=("auto", "gloo", "nccl"),
-        default="auto",
-        help="auto: nccl when CUDA has a GPU per rank, else gloo on the CPU",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads per rank on a CPU (default cores // world)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of parameters and gradients")
-    parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--no-save", action="store_true", help="print the table only")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke test: model tiny, block 32, worlds 1 2, 3 repeats"
-    )
+    add("--root-method", help="DASH root_method")
+    add("--lr", type=float, default=1e-3)
+    add("--warmup", type=int, help="untimed steps")
+    add("--repeats", type=int, help="timed (other) steps")
+    add("--refresh-repeats", type=int, help="timed refresh steps when F > 1")
+    add("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with a GPU per rank")
+    add("--threads", type=int, help="torch threads per rank on a CPU (default cores // world)")
+    add("--seed", type=int, default=0, help="seed of parameters and gradients")
+    add("--timeout", type=float, default=600.0, help="collective timeout in seconds")
+    add("--out", type=Path, default=Path("benchmarks/results"))
+    add("--no-save", action="store_true", help="print the tables only")
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the device-dependent defaults and validate the options."""
-    cuda = torch.cuda.is_available()
-    gpus = torch.cuda.device_count() if cuda else 0
-    nccl = args.backend == "nccl" or (args.backend == "auto" and gpus >= max(args.worlds or [1, 2, 3]))
-    defaults = DEVICE_DEFAULTS["cuda" if nccl else "cpu"]
-    if args.quick:
-        args.worlds = args.worlds or [1, 2]
-        args.model = args.model or "tiny"
-        args.block_size = args.block_size or 32
-        defaults = {"warmup": 1, "repeats": 3, "refresh_repeats": 1}
-    args.worlds = args.worlds or [1, 2, 3]
-    args.model = args.model or "mini"
-    args.block_size = args.block_size or 256
-    args.frequencies = args.frequencies or [1, 10]
-    for key, value in defaults.items():
+    """Fill unset options from the preset and validate them."""
+    args.preset = args.preset or ("gpu" if _gpus() >= max(args.worlds or PRESETS["gpu"]["worlds"]) else "cpu")
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model not in MODELS:
-        raise ValueError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
     if min(args.worlds) < 1 or min(args.frequencies) < 1 or args.block_size < 1:
         raise ValueError("--worlds, --frequencies and --block-size must be positive")
     if args.warmup < 0 or args.repeats < 1 or args.refresh_repeats < 1:
         raise ValueError("--warmup must be >= 0, --repeats and --refresh-repeats >= 1")
-    if args.backend == "nccl" and not cuda:
-        raise ValueError("--backend nccl needs CUDA")
     return args
 
 
 def _backend(requested: str, world: int) -> str:
     """``nccl`` when asked for or (``auto``) when there is one GPU per rank; else ``gloo``."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if requested == "nccl":
-        if gpus < world:
-            raise ValueError(f"--backend nccl needs a GPU per rank: {world} ranks, {gpus} GPU(s)")
-        return "nccl"
-    if requested == "auto" and gpus >= world:
-        return "nccl"
-    return "gloo"
-
-
-def cpu_name() -> str:
-    """The CPU model with the number of usable cores."""
-    return f"{cpu_model()} ({cpu_count()} cores)"
+    if requested == "nccl" and _gpus() < world:
+        raise ValueError(f"--backend nccl needs a GPU per rank: {world} ranks, {_gpus()} GPU(s)")
+    return "nccl" if requested == "nccl" or (requested == "auto" and _gpus() >= world) else "gloo"
 
 
 # ---------------------------------------------------------------------------------------------
 # Inside one rank
 # ---------------------------------------------------------------------------------------------
-
-
-def is_refresh(t: int, frequency: int) -> bool:
-    """Whether DASH refreshes the roots at step ``t`` (``start_preconditioning_step = 1``)."""
-    return t == 1 or t % frequency == 0
-
-
-def stats(samples: Sequence[float]) -> dict[str, Any] | None:
-    """Median, min, max and count of ``samples`` (``None`` when empty)."""
-    if not samples:
-        return None
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
-def per_step(frequency: int, refresh: dict | None, other: dict | None) -> float | None:
-    """Amortised step time ``(refresh + (F − 1)·other) / F`` of the medians (``F = 1``: refresh)."""
-    if refresh is None:
-        return None
-    if frequency == 1:
-        return refresh["median"]
-    if other is None:
-        return None
-    return (refresh["median"] + (frequency - 1) * other["median"]) / frequency
 
 
 def checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -204,16 +147,11 @@ def checksum(params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _build(
     spec: dict[str, Any], config: str, frequency: int, device: torch.device
 ) -> tuple[DASH, list[torch.Tensor]]:
     """Fresh parameters (identical on every rank) and the configuration's DASH."""
-    params = make_parameters(MODELS[spec["model"]], device, seed=spec["seed"])
+    params = make_parameters(spec["shapes"], device, seed=spec["seed"])
     distribution, communication = CONFIGS[config]
     optimizer = DASH(
         params,
@@ -227,47 +165,52 @@ def _build(
     return optimizer, params
 
 
+def _interleaved_samples(
+    optimizers: dict[str, DASH], frequency: int, spec: dict[str, Any], device: torch.device
+) -> dict[str, list[tuple[int, float]]]:
+    """Step every optimizer once per step ``t``, each after a barrier; ``(t, seconds)`` per
+    configuration after the warm-up, until the preset's samples are in."""
+    samples: dict[str, list[tuple[int, float]]] = {config: [] for config in optimizers}
+    wanted = (spec["repeats"], 0) if frequency == 1 else (spec["refresh_repeats"], spec["repeats"])
+    t = 0
+    while True:
+        t += 1
+        for config, optimizer in optimizers.items():
+            sync(device)
+            dist.barrier()
+            start = time.perf_counter()
+            optimizer.step()
+            sync(device)
+            if t > spec["warmup"]:
+                samples[config].append((t, time.perf_counter() - start))
+        refresh, other = split_refresh(next(iter(samples.values())), frequency)
+        if len(refresh) >= wanted[0] and len(other) >= wanted[1]:
+            return samples
+
+
+def _largest_difference(params: list[torch.Tensor], others: list[torch.Tensor]) -> float:
+    return max(float((p.detach().cpu() - q.detach().cpu()).abs().max()) for p, q in zip(params, others))
+
+
 def _run_frequency(
-    rank: int, world: int, frequency: int, spec: dict[str, Any], device: torch.device
+    world: int, frequency: int, spec: dict[str, Any], device: torch.device
 ) -> list[dict[str, Any]]:
     """Time every configuration at one refresh period; one record per configuration."""
     configs = [c for c in spec["configs"] if not (world == 1 and c == "shared-bf16")]
     built = {config: _build(spec, config, frequency, device) for config in configs}
-    samples: dict[str, list[tuple[int, float]]] = {config: [] for config in configs}
-    t = 0
-    while True:
-        t += 1
-        for config, (optimizer, _) in built.items():
-            _sync(device)
-            dist.barrier()
-            start = time.perf_counter()
-            optimizer.step()
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if t > spec["warmup"]:
-                samples[config].append((t, elapsed))
-        timed = range(spec["warmup"] + 1, t + 1)
-        refreshes = sum(is_refresh(s, frequency) for s in timed)
-        others = len(timed) - refreshes
-        if frequency == 1:
-            if refreshes >= spec["repeats"]:
-                break
-        elif others >= spec["repeats"] and refreshes >= spec["refresh_repeats"]:
-            break
+    samples = _interleaved_samples(
+        {config: pair[0] for config, pair in built.items()}, frequency, spec, device
+    )
     reference = built["replicated"][1] if "replicated" in built else None
-    initial = make_parameters(MODELS[spec["model"]], torch.device("cpu"), seed=spec["seed"])
+    initial = make_parameters(spec["shapes"], torch.device("cpu"), seed=spec["seed"])
     records = []
     for config, (optimizer, params) in built.items():
         local = checksum(params)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local)
         sums = [g.cpu().tolist() for g in gathered]
-        change = max(float((p.detach().cpu() - q.detach()).abs().max()) for p, q in zip(params, initial))
-        deviation = None
-        if reference is not None:
-            deviation = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(params, reference))
-        refresh = [s for step, s in samples[config] if is_refresh(step, frequency)]
-        other = [s for step, s in samples[config] if not is_refresh(step, frequency)]
+        refresh, other = (stats(part) for part in split_refresh(samples[config], frequency))
+        deviation = None if reference is None else _largest_difference(params, reference)
         records.append(
             {
                 "config": config,
@@ -275,16 +218,16 @@ def _run_frequency(
                 "communication": CONFIGS[config][1],
                 "frequency": frequency,
                 "samples": samples[config],
-                "refresh": stats(refresh),
-                "other": stats(other),
-                "per_step": per_step(frequency, stats(refresh), stats(other)),
+                "refresh": refresh,
+                "other": other,
+                "per_step": per_step(frequency, refresh, other),
                 "stats": optimizer.distribution_stats(),
                 "root_failures": optimizer.root_failures,
                 "skipped_steps": optimizer.skipped_steps,
                 "checksums": sums,
                 "ranks_equal": all(s == sums[0] for s in sums),
                 "max_abs_diff_vs_replicated": deviation,
-                "max_abs_change": change,
+                "max_abs_change": _largest_difference(params, initial),
             }
         )
     return records
@@ -309,7 +252,7 @@ def _run_rank(rank: int, world: int, init_file: str, spec: dict[str, Any]) -> di
     try:
         records = []
         for frequency in spec["frequencies"]:
-            records.extend(_run_frequency(rank, world, frequency, spec, device))
+            records.extend(_run_frequency(world, frequency, spec, device))
             dist.barrier()
         return {"rank": rank, "world": world, "threads": torch.get_num_threads(), "records": records}
     finally:
@@ -385,65 +328,63 @@ def run_world(world: int, spec: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _job_summary(
+    world: int, frequency: int, config: str, members: list[dict[str, Any]], numel: int
+) -> dict[str, Any]:
+    """One (world, frequency, configuration): the job step time is the slowest rank's at each step."""
+    steps: dict[int, float] = {}
+    for member in members:
+        for t, seconds in member["samples"]:
+            steps[t] = max(steps.get(t, 0.0), seconds)
+    refresh, other = (stats(part) for part in split_refresh(steps.items(), frequency))
+    first = members[0]["stats"]
+    size = 2 if members[0]["communication"] == "bf16" else 4
+    return {
+        "world": world,
+        "frequency": frequency,
+        "config": config,
+        "refresh": refresh,
+        "other": other,
+        "per_step": per_step(frequency, refresh, other),
+        "imbalance": first["imbalance"],
+        "owned_blocks": [m["stats"]["owned_blocks"] for m in members],
+        "bytes_per_step": first["bytes_per_step"],
+        "exchange_over_model": first["bytes_per_step"] / (numel * size),
+        "ranks_equal": all(m["ranks_equal"] for m in members),
+        "max_abs_diff_vs_replicated": max(
+            (m["max_abs_diff_vs_replicated"] or 0.0 for m in members), default=None
+        ),
+        "max_abs_change": max(m["max_abs_change"] for m in members),
+        "root_failures": sum(m["root_failures"] for m in members),
+    }
+
+
+def _speedup(base: dict[str, Any] | None, own: dict[str, Any]) -> float | None:
+    return base["per_step"] / own["per_step"] if base and base["per_step"] and own["per_step"] else None
+
+
 def add_job_figures(rows: list[dict[str, Any]], numel: int) -> list[dict[str, Any]]:
     """Per-rank speed-ups over ``replicated`` and one summary per (world, frequency, configuration).
 
-    The summary's step time at each step is the slowest rank's; its speed-ups divide the
-    replicated job time (same world) and the world-1 ``shared-fp32`` job time by its own.
-    ``exchange_over_model`` is the bytes a rank receives per step over the ``numel`` parameters'
-    size in the communication dtype (1.0: no padding).
+    The summary's speed-ups divide the replicated job time (same world) and the world-1
+    ``shared-fp32`` job time by its own. ``exchange_over_model`` is the bytes a rank receives per
+    step over the ``numel`` parameters' size in the communication dtype (1.0: no padding).
     """
     by_key = {(r["world"], r["frequency"], r["config"], r["rank"]): r for r in rows}
-    for row in rows:
-        base = by_key.get((row["world"], row["frequency"], "replicated", row["rank"]))
-        ok = base is not None and base["per_step"] and row["per_step"]
-        row["speedup_vs_replicated"] = base["per_step"] / row["per_step"] if ok else None
-    summaries = []
     groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["world"], row["frequency"], row["config"]), []).append(row)
-    for (world, frequency, config), members in groups.items():
-        steps: dict[int, float] = {}
-        for member in members:
-            for t, seconds in member["samples"]:
-                steps[t] = max(steps.get(t, 0.0), seconds)
-        refresh = stats([s for t, s in steps.items() if is_refresh(t, frequency)])
-        other = stats([s for t, s in steps.items() if not is_refresh(t, frequency)])
-        first = members[0]
-        summaries.append(
-            {
-                "world": world,
-                "frequency": frequency,
-                "config": config,
-                "refresh": refresh,
-                "other": other,
-                "per_step": per_step(frequency, refresh, other),
-                "imbalance": first["stats"]["imbalance"],
-                "owned_blocks": [m["stats"]["owned_blocks"] for m in members],
-                "bytes_per_step": first["stats"]["bytes_per_step"],
-                "exchange_over_model": first["stats"]["bytes_per_step"]
-                / (numel * (2 if first["communication"] == "bf16" else 4)),
-                "ranks_equal": all(m["ranks_equal"] for m in members),
-                "max_abs_diff_vs_replicated": max(
-                    (m["max_abs_diff_vs_replicated"] or 0.0 for m in members), default=None
-                ),
-                "max_abs_change": max(m["max_abs_change"] for m in members),
-                "root_failures": sum(m["root_failures"] for m in members),
-            }
+        row["speedup_vs_replicated"] = _speedup(
+            by_key.get((row["world"], row["frequency"], "replicated", row["rank"])), row
         )
+        groups.setdefault((row["world"], row["frequency"], row["config"]), []).append(row)
+    summaries = [_job_summary(*key, members, numel) for key, members in groups.items()]
     index = {(s["world"], s["frequency"], s["config"]): s for s in summaries}
     for summary in summaries:
-        key = (summary["world"], summary["frequency"])
-        base = index.get((*key, "replicated"))
-        one = index.get((1, summary["frequency"], "shared-fp32"))
-        own = summary["per_step"]
-        summary["speedup_vs_replicated"] = _ratio(base, own)
-        summary["speedup_vs_world1"] = _ratio(one, own)
+        summary["speedup_vs_replicated"] = _speedup(
+            index.get((summary["world"], summary["frequency"], "replicated")), summary
+        )
+        summary["speedup_vs_world1"] = _speedup(index.get((1, summary["frequency"], "shared-fp32")), summary)
     return summaries
-
-
-def _ratio(base: dict[str, Any] | None, own: float | None) -> float | None:
-    return base["per_step"] / own if base and base["per_step"] and own else None
 
 
 def _bytes(count: int | None) -> str:
@@ -455,74 +396,58 @@ def _bytes(count: int | None) -> str:
     return f"{count} B"
 
 
-def _model_ratio(summary: dict[str, Any]) -> str:
-    ratio = summary["exchange_over_model"]
-    return f" ({ratio:.3f}×)" if ratio else ""
-
-
-def _times(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}×"
-
-
-def _steps_text(row: dict[str, Any]) -> tuple[str, str]:
-    """(step time text, refresh step text): for F = 1 every step refreshes."""
+def _steps_text(row: dict[str, Any]) -> list[str]:
+    """Per step, step time and refresh step time texts: for F = 1 every step refreshes."""
     if row["frequency"] == 1:
-        return spread(row["refresh"]), "(every step)"
-    return spread(row["other"]), spread(row["refresh"])
+        return [ms(row["per_step"]), spread(row["refresh"]), "(every step)"]
+    return [ms(row["per_step"]), spread(row["other"]), spread(row["refresh"])]
 
 
 def summary_table(summaries: list[dict[str, Any]]) -> str:
     """One line per world size, refresh period and configuration (job = slowest rank per step)."""
-    lines = [
-        "| W | F | config | per step ms | step ms [min–max] | refresh step ms [min–max] | owned blocks "
-        "per rank | imbalance | exchange / step / rank (× model) | × replicated | × W=1 | "
-        "ranks bitwise equal | max abs Δ vs replicated (of max change) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for s in summaries:
-        step, refresh = _steps_text(s)
+    header = ["W", "F", "config", "per step ms", "step ms [min–max]", "refresh step ms [min–max]"]
+    header += ["owned blocks per rank", "imbalance", "exchange / step / rank (× model)", "× replicated"]
+    header += ["× W=1", "ranks bitwise equal", "max abs Δ vs replicated (of max change)"]
+
+    def cells(s: dict[str, Any]) -> list[object]:
         deviation = s["max_abs_diff_vs_replicated"]
-        lines.append(
-            f"| {s['world']} | {s['frequency']} | {s['config']} | {ms(s['per_step'])} | {step} | "
-            f"{refresh} | "
-            f"{', '.join(str(b) for b in s['owned_blocks'])} | {s['imbalance']:.3f} | "
-            f"{_bytes(s['bytes_per_step'])}{_model_ratio(s)} | {_times(s['speedup_vs_replicated'])} | "
-            f"{_times(s['speedup_vs_world1'])} | {'yes' if s['ranks_equal'] else '**NO**'} | "
-            f"{'–' if deviation is None else f'{deviation:.1e}'} ({s['max_abs_change']:.1e}) |"
+        exchange = _bytes(s["bytes_per_step"]) + (
+            f" ({s['exchange_over_model']:.3f}×)" if s["exchange_over_model"] else ""
         )
-    return "\n".join(lines) + "\n"
+        return [
+            *(s["world"], s["frequency"], s["config"], *_steps_text(s)),
+            *(", ".join(str(b) for b in s["owned_blocks"]), f"{s['imbalance']:.3f}", exchange),
+            *(
+                ratio(s["speedup_vs_replicated"]),
+                ratio(s["speedup_vs_world1"]),
+                "yes" if s["ranks_equal"] else "**NO**",
+            ),
+            f"{'–' if deviation is None else f'{deviation:.1e}'} ({s['max_abs_change']:.1e})",
+        ]
+
+    return markdown_table(header, map(cells, summaries))
 
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
     """One line per world size, refresh period, configuration and rank."""
-    lines = [
-        "| W | F | config | rank | threads | owned blocks | imbalance | bytes / step | per step ms | "
-        "step ms [min–max] | refresh step ms [min–max] | × replicated |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        step, refresh = _steps_text(r)
+    header = ["W", "F", "config", "rank", "threads", "owned blocks", "imbalance", "bytes / step"]
+    header += ["per step ms", "step ms [min–max]", "refresh step ms [min–max]", "× replicated"]
+
+    def cells(r: dict[str, Any]) -> list[object]:
         st = r["stats"]
-        lines.append(
-            f"| {r['world']} | {r['frequency']} | {r['config']} | {r['rank']} | {r['threads']} | "
-            f"{st['owned_blocks']} | {st['imbalance']:.3f} | {st['bytes_per_step']} | {ms(r['per_step'])} | "
-            f"{step} | {refresh} | {_times(r['speedup_vs_replicated'])} |"
-        )
-    return "\n".join(lines) + "\n"
+        return [
+            *(r["world"], r["frequency"], r["config"], r["rank"], r["threads"]),
+            *(st["owned_blocks"], f"{st['imbalance']:.3f}", st["bytes_per_step"], *_steps_text(r)),
+            ratio(r["speedup_vs_replicated"]),
+        ]
+
+    return markdown_table(header, map(cells, rows))
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The report: setup, the summary and per-rank tables, and how to read them."""
     model = report["model"]
-    load = report.get("load_average")
-    load_text = f"; load average (1 min) at start/end {load[0]:.2f}/{load[1]:.2f}" if load else ""
     cpu_note = ""
-    method_note = ""
-    if report.get("root_method_auto"):
-        method_note = (
-            f"- root_method `{report['root_method']}` is the `--root-method auto` choice for this device "
-            "(NDB on CUDA; eigh on a CPU, where an NDB refresh is several times slower)\n"
-        )
     if report["device_type"] == "cpu":
         cpu_note = (
             f"\n**CPU caveat.** This machine has {report['cores']} cores; each rank got "
@@ -536,14 +461,11 @@ def markdown(report: dict[str, Any]) -> str:
         )
     return (
         f"# DASH multi-process step benchmark — {report['device']}\n\n"
-        f"- command: `{report['command']}`\n"
-        f"- device: {report['device']}; backend(s) {', '.join(report['backends'])}; torch "
-        f"{report['torch']}, Python {report['python']}\n"
-        f"- date: {report['date']}; total run time {report['wall_seconds']:.0f} s{load_text}\n"
+        + "\n".join(metadata_lines(report))
+        + f"\n- preset `{report['preset']}`; backend {report['backend']}\n"
         f"- model `{model['name']}` ({model['numel'] / 1e6:.2f}M parameters: {model['description']}); "
         f"block_size {report['block_size']}, root_method `{report['root_method']}`, lr {report['lr']}, "
         f"other DASH options at their defaults; seed {report['seed']}\n"
-        f"{method_note}"
         "- `replicated`: `DASH(process_group=False)` on every rank (each computes every block)\n"
         f"- {report['warmup']} untimed warm-up step(s), then {report['repeats']} timed steps (F = 1), "
         f"or for F > 1 timed steps until at least {report['repeats']} other and "
@@ -574,98 +496,56 @@ def markdown(report: dict[str, Any]) -> str:
     )
 
 
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, print the tables, write ``dist-<device>.{json,md}`` under ``--out``."""
-    began, load_start = time.perf_counter(), _load()
     args = _resolve(args)
     # One backend for every world size, so that the rows compare: nccl only with a GPU per rank
     # at the largest world size.
     backend = _backend(args.backend, max(args.worlds))
-    device_type = "cuda" if backend == "nccl" else "cpu"
-    method = AUTO_METHOD[device_type] if args.root_method == "auto" else args.root_method
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    record = RunRecord.start(args, device, "dash-shampoo bench dist", threads=False)
+    shapes: ShapeSet = shape_set(args.model)
+    settings = (
+        "block_size",
+        "frequencies",
+        "configs",
+        "root_method",
+        "lr",
+        "warmup",
+        "repeats",
+        "refresh_repeats",
+    )
     rows: list[dict[str, Any]] = []
-    backends = []
     for world in args.worlds:
-        backends.append(backend)
         threads = args.threads or max(1, cpu_count() // world)
-        spec = {
-            "backend": backend,
-            "model": args.model,
-            "block_size": args.block_size,
-            "frequencies": args.frequencies,
-            "configs": args.configs,
-            "root_method": method,
-            "lr": args.lr,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "refresh_repeats": args.refresh_repeats,
-            "threads": threads,
-            "seed": args.seed,
-            "timeout": args.timeout,
-        }
+        spec = {key: getattr(args, key) for key in (*settings, "seed", "timeout")}
+        spec.update(backend=backend, shapes=shapes, threads=threads)
         started = time.perf_counter()
         rows.extend(run_world(world, spec))
+        seconds = time.perf_counter() - started
         print(
-            f"world {world}: {backend}, {threads} thread(s) per rank, {time.perf_counter() - started:.0f} s",
+            f"world {world}: {backend}, {threads} thread(s) per rank, {seconds:.0f} s",
             file=sys.stderr,
             flush=True,
         )
     order = list(CONFIGS)
     rows.sort(key=lambda r: (r["world"], r["frequency"], order.index(r["config"]), r["rank"]))
-    summaries = add_job_figures(rows, MODELS[args.model].numel)
-    device = torch.cuda.get_device_name(0) if device_type == "cuda" else cpu_name()
-    model = MODELS[args.model]
+    summaries = add_job_figures(rows, shapes.numel)
     report = {
-        "command": command_text(args, "dash-shampoo bench dist (called from Python)"),
-        "device": device,
-        "device_type": device_type,
+        **record.metadata(),
         "cores": cpu_count(),
-        "backends": sorted(set(backends)),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model.name, "numel": model.numel, "description": model.description},
+        "backend": backend,
+        "preset": args.preset,
+        "model": {"name": shapes.name, "numel": shapes.numel, "description": shapes.description},
         "worlds": args.worlds,
-        "frequencies": args.frequencies,
-        "block_size": args.block_size,
-        "root_method": method,
-        "root_method_auto": args.root_method == "auto",
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "refresh_repeats": args.refresh_repeats,
+        **{key: getattr(args, key) for key in settings if key != "configs"},
         "seed": args.seed,
         "summaries": summaries,
         "rows": rows,
     }
-    report["wall_seconds"] = time.perf_counter() - began
-    load_end = _load()
-    report["load_average"] = None if load_start is None or load_end is None else [load_start, load_end]
     print(summary_table(summaries))
     print(rank_table(rows))
     if not args.no_save:
-        first = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-        written = write_report(args.out / f"dist-{device_slug(first)}", report, markdown(report))
+        written = write_report(record.stem(args.out, "dist"), report, markdown(report))
         print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0 if all(s["ranks_equal"] for s in summaries) else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dash_shampoo.bench.dist``: the same as ``dash-shampoo bench dist``."""
-    parser = argparse.ArgumentParser(prog="dash-shampoo bench dist")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-__all__: list[str] = ["add_arguments", "checksum", "main", "run", "run_world"]

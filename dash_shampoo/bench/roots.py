@@ -1,4 +1,4 @@
-"""Solver study (``dash-shampoo roots``): accuracy, time and Newton iteration counts of the inverse roots.
+"""Solver study (``dash-shampoo bench roots``): accuracy, time and Newton iteration counts of the roots.
 
 Test matrices: stacks of ``count`` symmetric PSD ``n × n`` matrices shaped like Shampoo factors
 ``L = EMA of g gᵀ``: ``A = Q diag(λ) Qᵀ`` with a random orthogonal ``Q`` (QR of a Gaussian matrix from
@@ -35,21 +35,18 @@ reach ``max|M − I| < tol`` and the tightness ``s / λ_max`` of the scale it us
 that cap (a converged matrix is frozen, so the other counts are the same in both runs).
 
 Sizes above ``--full-max-size`` run a reduced accuracy grid and sizes above ``--iter-max-size`` no
-scaling study, so the default CPU run takes minutes; the markdown output states what was run.
+scaling study, so the ``full`` preset (:data:`PRESETS`) takes minutes on a CPU; ``quick`` is a smoke
+test. Options left unset take the preset's values; the markdown output states what was run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import itertools
 import math
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +55,8 @@ import torch
 
 from ..linalg import METHODS, PRECISIONS, SCALINGS, inverse_root
 from ..linalg.scaling import spectral_scale
-from ..results import device_name, device_slug, write_report
+from ..results import RunRecord, markdown_table, metadata_lines, save_plot, write_report
+from .timing import sync, timed, torch_threads
 
 #: Scaling each iterative method uses by default in :func:`dash_shampoo.linalg.inverse_root`.
 DEFAULT_SCALING = {"newton": "power_multi", "ndb": "power_multi", "chebyshev": "bound"}
@@ -68,46 +66,28 @@ RANK_FRACTIONS = (0.25, 0.75)
 #: one the solvers used.
 SCALE_OPTIONS: dict[str, Any] = {"scaling_steps": 10, "num_vectors": 16, "safety": 2.0}
 
-FULL_DEFAULTS: dict[str, Any] = {
-    "sizes": [256, 512, 1024],
-    "count": 4,
-    "roots": [4],
-    "methods": list(METHODS),
-    "scalings": list(SCALINGS),
-    "steps": [5, 10, 20],
-    "degrees": [20, 40, 80],
-    "precisions": list(PRECISIONS),
-    "large_precisions": ["fp32"],
-    "full_max_size": 256,
-    "repeats": 3,
-    "tol": [1e-5, 1e-3],
-    "max_steps": 100,
-    "first_cap": 25,
-    "iter_alphas": [0.25, 1.0],
-    "iter_max_size": 512,
-    "threads": None,
-}
-QUICK_DEFAULTS: dict[str, Any] = {
-    **FULL_DEFAULTS,
-    "sizes": [16],
-    "count": 2,
-    "roots": [2, 4],
-    "steps": [6],
-    "degrees": [12],
-    "full_max_size": 16,
-    "repeats": 1,
-    "max_steps": 40,
-    "first_cap": 20,
-    "iter_alphas": [1.0],
-    "iter_max_size": 16,
-    "threads": 1,
-}
+#: Named option sets (``--preset``): ``full`` is the committed study, ``quick`` a smoke test.
+FULL: dict[str, Any] = {
+    "sizes": [256, 512, 1024], "count": 4, "roots": [4], "repeats": 3, "threads": None,
+    "methods": list(METHODS), "scalings": list(SCALINGS), "steps": [5, 10, 20], "degrees": [20, 40, 80],
+    "precisions": list(PRECISIONS), "large_precisions": ["fp32"], "full_max_size": 256,
+    "tol": [1e-5, 1e-3], "max_steps": 100, "first_cap": 25, "iter_alphas": [0.25, 1.0], "iter_max_size": 512,
+}  # fmt: skip
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": FULL,
+    "quick": {
+        **FULL, "sizes": [16], "count": 2, "roots": [2, 4], "repeats": 1, "threads": 1, "steps": [6],
+        "degrees": [12], "full_max_size": 16, "max_steps": 40, "first_cap": 20, "iter_alphas": [1.0],
+        "iter_max_size": 16,
+    },
+}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``dash-shampoo roots``; unset options take the full or ``--quick`` defaults."""
+    """Add the options of ``dash-shampoo bench roots``; unset options take the preset's values."""
     parser.description = "Inverse-root solver study: error vs float64 eigh, time per stack, iterations."
     add = parser.add_argument
+    add("--preset", choices=tuple(PRESETS), default="full", help="option set (quick: a smoke test)")
     add("--sizes", type=int, nargs="+", help="block sizes n (default 256 512 1024)")
     add("--count", type=int, help="matrices per stack (default 4)")
     add("--roots", type=int, nargs="+", help="roots p (default 4; e.g. --roots 2 4)")
@@ -133,11 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--iter-alphas", type=float, nargs="+", help="spectra of the iteration study (default 0.25 1)")
     add("--iter-max-size", type=int, help="largest size of the iteration study (default 512)")
     add("--repeats", type=int, help="timed calls per configuration after one warm-up (default 3)")
-    add("--threads", type=int, help="torch CPU threads during the run (default: torch's; --quick: 1)")
+    add("--threads", type=int, help="torch CPU threads during the run (default: torch's; quick: 1)")
     add("--seed", type=int, default=0, help="seed of the matrices and of power iteration (default 0)")
     add("--device", default=None, help="torch device (default cuda if available, else cpu)")
     add("--out", default="benchmarks/results", help="output folder ('' to write nothing)")
-    add("--quick", action="store_true", help="tiny configuration (n = 16, two matrices) for tests")
     add("--no-plot", action="store_true", help="do not write the PNG")
 
 
@@ -205,6 +184,10 @@ class Problem:
             self.directions[p] = self.direction(self.reference(p))
         return self.directions[p]
 
+    def row(self, study: str, p: int) -> dict[str, Any]:
+        """The fields every result row about this stack starts with."""
+        return {"study": study, "n": self.A.shape[-1], "count": self.A.shape[0], "alpha": self.alpha, "p": p}
+
     def ridged(self, dtype: torch.dtype) -> torch.Tensor:
         """``A + eps·I`` formed in ``dtype`` (a new tensor), as the solvers form it."""
         X = self.A.to(dtype, copy=True)
@@ -234,26 +217,6 @@ def relative_errors(root: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[Any, list[float]]:
-    """Call ``fn`` once (warm-up; its result is returned), then ``repeats`` timed calls (seconds each)."""
-    _sync(device)
-    result = fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return result, times
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -344,11 +307,7 @@ def accuracy_row(
     errors = relative_errors(root, problem.reference(p))
     direction = torch.linalg.matrix_norm(problem.direction(root) - problem.reference_direction(p))
     row: dict[str, Any] = {
-        "study": "accuracy",
-        "n": problem.A.shape[-1],
-        "count": problem.A.shape[0],
-        "alpha": problem.alpha,
-        "p": p,
+        **problem.row("accuracy", p),
         "scaling": None,
         "steps": None,
         "degree": None,
@@ -387,20 +346,10 @@ def iteration_row(
 
     def solve(cap: int) -> tuple[torch.Tensor, torch.Tensor]:
         iterations = torch.empty(problem.A.shape[0], dtype=torch.int64, device=device)
-        root = inverse_root(
-            problem.A,
-            p,
-            method,
-            eps=problem.eps,
-            steps=cap,
-            tol=tol,
-            scaling=scaling,
-            precision=args.iter_precision,
-            generator=_generator(device, args.seed),
-            iterations=iterations,
-            **SCALE_OPTIONS,
-        )
-        return root, iterations
+        options = {"eps": problem.eps, "steps": cap, "tol": tol, "scaling": scaling, **SCALE_OPTIONS}
+        generator = _generator(device, args.seed)
+        options.update(precision=args.iter_precision, generator=generator, iterations=iterations)
+        return inverse_root(problem.A, p, method, **options), iterations
 
     start = time.perf_counter()
     cap = min(args.first_cap, args.max_steps)
@@ -414,16 +363,12 @@ def iteration_row(
         cap = args.max_steps
         root, iterations = solve(cap)
         reached = iterations < cap
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     ratios = solver_scale(problem, scaling, args.seed) / problem.lambda_max
     errors = relative_errors(root, problem.reference(p))
     return {
-        "study": "iterations",
-        "n": problem.A.shape[-1],
-        "count": problem.A.shape[0],
-        "alpha": problem.alpha,
-        "p": p,
+        **problem.row("iterations", p),
         "method": method,
         "scaling": scaling,
         "precision": args.iter_precision,
@@ -442,22 +387,6 @@ def iteration_row(
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The fully explicit ``python -m dash_shampoo.cli roots ...`` command that reproduces this run."""
-    parts = ["python", "-m", "dash_shampoo.cli", "roots"]
-    for key, value in vars(args).items():
-        if key in ("command", "quick") or value is None or value is False:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            parts.append(flag)
-        elif isinstance(value, list):
-            parts += [flag, *map(str, value)]
-        else:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
 
 
 def _fmt(x: float | None, spec: str = ".1e") -> str:
@@ -486,34 +415,28 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
             err += f" (target {_fmt(r['err_target_median'])})"
         cell = f"{err} / {_fmt(r['dir_err_median'])} / {_fmt(r['time_s'] * 1e3, '.3g')}"
         lines.setdefault(key, {})[r["precision"]] = cell
-    out = [
-        "| n | p | method | scaling | steps | " + " | ".join(precisions) + " |",
-        "|" + "---|" * (5 + len(precisions)),
-    ]
-    for key, cells in lines.items():
-        values = " | ".join(cells.get(q, "") for q in precisions)
-        out.append("| " + " | ".join(map(str, key)) + " | " + values + " |")
-    return "\n".join(out)
+    header = ["n", "p", "method", "scaling", "steps", *precisions]
+    return markdown_table(
+        header, ([*key, *(cells.get(q, "") for q in precisions)] for key, cells in lines.items())
+    )
 
 
 def iteration_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: iterations to tolerance and ``s / λ_max`` per (n, α, p, method, tol, scaling)."""
-    out = [
-        "| n | α | p | method | tol | scaling | s/λmax median [min, max] | iterations median [min, max] "
-        "| reached tol | err median |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["study"] != "iterations":
-            continue
+    header = ["n", "α", "p", "method", "tol", "scaling", "s/λmax median [min, max]"]
+    header += ["iterations median [min, max]", "reached tol", "err median"]
+
+    def cells(r: dict[str, Any]) -> list[object]:
         ratios, iters = r["s_over_lmax"], r["iterations"]
-        out.append(
-            f"| {r['n']} | {r['alpha']:g} | {r['p']} | {r['method']} | {r['tol']:g} | {r['scaling']} | "
-            f"{r['s_over_lmax_median']:.3g} [{min(ratios):.3g}, {max(ratios):.3g}] | "
-            f"{r['iterations_median']:g} [{min(iters)}, {max(iters)}] | {r['reached_tol']}/{r['count']} "
-            f"(cap {r['cap']}) | {_fmt(r['err_median'])} |"
-        )
-    return "\n".join(out)
+        return [
+            *(r["n"], f"{r['alpha']:g}", r["p"], r["method"], f"{r['tol']:g}", r["scaling"]),
+            f"{r['s_over_lmax_median']:.3g} [{min(ratios):.3g}, {max(ratios):.3g}]",
+            f"{r['iterations_median']:g} [{min(iters)}, {max(iters)}]",
+            f"{r['reached_tol']}/{r['count']} (cap {r['cap']})",
+            _fmt(r["err_median"]),
+        ]
+
+    return markdown_table(header, (cells(r) for r in rows if r["study"] == "iterations"))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -535,15 +458,12 @@ def markdown(report: dict[str, Any]) -> str:
         if report["device_type"] == "cpu"
         else ""
     )
-    load = report.get("load_average")
-    load_text = f"; load average (1 min) at start/end {load[0]:.2f}/{load[1]:.2f}" if load else ""
     return "\n".join(
         [
             f"# Inverse-root solver study — {report['device']}",
             "",
-            f"- command: `{report['command']}`",
-            f"- device: {report['device']}; torch {report['torch']}; python {report['python']}",
-            f"- date: {report['date']}; total run time {report['runtime_s']:.0f} s{load_text}",
+            *metadata_lines(report),
+            f"- preset `{o['preset']}`",
             f"- stacks: {o['count']} matrices per stack, sizes {join(map(str, o['sizes']))}; spectrum "
             f"λ_i = i^(-α) for i <= r (λ_max = 1), zero tail, rank fractions r/n spread over "
             f"[{RANK_FRACTIONS[0]}, {RANK_FRACTIONS[1]}]; random orthogonal eigenvectors; built in fp64, "
@@ -589,84 +509,60 @@ _MARKERS = {"fp64": "D", "fp32": "o", "tf32": "s", "bf16": "^", "fp16": "v"}
 _ERROR_CLIP = 10.0
 
 
-def plot(report: dict[str, Any], path: Path) -> bool:
-    """Write the PNG: error vs time per size (top), iterations and s/λmax per scaling (bottom).
-
-    Returns ``False`` (after printing a notice) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNG (pip install matplotlib)")
-        return False
+def _accuracy_panel(ax: Any, accuracy: list[dict[str, Any]], n: int, title: str) -> None:
+    """Error against time of every configuration at size ``n``: colour per method, marker per precision."""
     from matplotlib.ticker import NullFormatter
 
-    o, rows = report["options"], report["rows"]
-    p = 4 if 4 in o["roots"] else o["roots"][0]
-    accuracy = [r for r in rows if r["study"] == "accuracy" and r["p"] == p]
-    iterations = [r for r in rows if r["study"] == "iterations" and r["p"] == p]
-    iter_n = max((r["n"] for r in iterations), default=None)
-    iterations = [r for r in iterations if r["n"] == iter_n]
-    sizes, tols, scalings = o["sizes"], o["tol"], o["scalings"]
-    ncols = max(len(sizes), len(tols) + 1)
-    fig, axes = plt.subplots(2, ncols, figsize=(4.8 * ncols, 8.6), squeeze=False)
-    for j, n in enumerate(sizes):
-        ax = axes[0][j]
-        for method, color in _COLORS.items():
-            for precision, marker in _MARKERS.items():
-                points = [
-                    (r["time_s"] * 1e3, min(r["err_median"] or math.inf, _ERROR_CLIP))
-                    for r in accuracy
-                    if (r["n"], r["method"], r["precision"]) == (n, method, precision)
-                ]
-                if points:
-                    xs, ys = zip(*points)
-                    ax.scatter(xs, ys, color=color, marker=marker, s=26, alpha=0.7)
-        ax.axhline(_ERROR_CLIP, color="gray", linestyle=":", linewidth=0.8)
-        ax.set(xscale="log", yscale="log", title=f"p = {p}, n = {n}, α = {o['alpha']:g}")
-        ax.set(xlabel="time per stack (ms)", ylabel="relative Frobenius error (median)")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, alpha=0.3)
-    for j in range(len(sizes), ncols):
-        axes[0][j].axis("off")
-    handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in _COLORS.items()]
-    handles += [Line2D([], [], color="gray", marker=m, linestyle="", label=q) for q, m in _MARKERS.items()]
-    handles.append(Line2D([], [], color="gray", linestyle=":", label=f"error ≥ {_ERROR_CLIP:g} or NaN"))
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=10, fontsize=8)
+    for method, color in _COLORS.items():
+        for precision, marker in _MARKERS.items():
+            points = [
+                (r["time_s"] * 1e3, min(r["err_median"] or math.inf, _ERROR_CLIP))
+                for r in accuracy
+                if (r["n"], r["method"], r["precision"]) == (n, method, precision)
+            ]
+            if points:
+                xs, ys = zip(*points)
+                ax.scatter(xs, ys, color=color, marker=marker, s=26, alpha=0.7)
+    ax.axhline(_ERROR_CLIP, color="gray", linestyle=":", linewidth=0.8)
+    ax.set(xscale="log", yscale="log", title=title)
+    ax.set(xlabel="time per stack (ms)", ylabel="relative Frobenius error (median)")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, alpha=0.3)
 
+
+def _iterations_panel(ax: Any, iterations: list[dict[str, Any]], tol: float, scalings: list[str]) -> None:
+    """Median iterations to ``tol`` per scaling: a bar per (method, α), hatched where not reached."""
     combos = sorted({(r["method"], r["alpha"]) for r in iterations})
     alphas = sorted({r["alpha"] for r in iterations})
     width = 0.8 / max(1, len(combos))
-    for j, tol in enumerate(tols):
-        ax = axes[1][j]
-        top = 1.0
-        for k, (method, alpha) in enumerate(combos):
-            for x, scaling in enumerate(scalings):
-                key = (method, alpha, tol, scaling)
-                found = [r for r in iterations if (r["method"], r["alpha"], r["tol"], r["scaling"]) == key]
-                if not found:
-                    continue
-                r = found[0]
-                top = max(top, r["iterations_median"])
-                ax.bar(
-                    x + (k - (len(combos) - 1) / 2) * width,
-                    r["iterations_median"],
-                    width,
-                    color=_COLORS[method],
-                    alpha=0.35 + 0.65 * (alphas.index(alpha) + 1) / len(alphas),
-                    hatch="//" if r["reached_tol"] < r["count"] else None,
-                    edgecolor="white",
-                    label=f"{method} α={alpha:g}" if x == 0 else None,
-                )
-        ax.set_xticks(range(len(scalings)), scalings)
-        ax.set_ylim(0, 1.35 * top)
-        ax.set(title=f"iterations to tol {tol:g} (p = {p}, n = {iter_n}, median)", ylabel="iterations")
-        ax.legend(fontsize=7, ncol=2, loc="upper center", title="hatched: tol not reached", title_fontsize=7)
-    ax = axes[1][len(tols)]
+    top = 1.0
+    for k, (method, alpha) in enumerate(combos):
+        for x, scaling in enumerate(scalings):
+            key = (method, alpha, tol, scaling)
+            found = [r for r in iterations if (r["method"], r["alpha"], r["tol"], r["scaling"]) == key]
+            if not found:
+                continue
+            r = found[0]
+            top = max(top, r["iterations_median"])
+            ax.bar(
+                x + (k - (len(combos) - 1) / 2) * width,
+                r["iterations_median"],
+                width,
+                color=_COLORS[method],
+                alpha=0.35 + 0.65 * (alphas.index(alpha) + 1) / len(alphas),
+                hatch="//" if r["reached_tol"] < r["count"] else None,
+                edgecolor="white",
+                label=f"{method} α={alpha:g}" if x == 0 else None,
+            )
+    ax.set_xticks(range(len(scalings)), scalings)
+    ax.set_ylim(0, 1.35 * top)
+    ax.set(ylabel="iterations")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", title="hatched: tol not reached", title_fontsize=7)
+
+
+def _scale_panel(ax: Any, iterations: list[dict[str, Any]], scalings: list[str]) -> None:
+    """Median ``s / λ_max`` per scaling, a bar per spectrum."""
+    alphas = sorted({r["alpha"] for r in iterations})
     width = 0.8 / max(1, len(alphas))
     for k, alpha in enumerate(alphas):
         ratios = []
@@ -677,15 +573,46 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         ax.bar(xs, ratios, width, label=f"α={alpha:g}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(scalings)), scalings)
-    ax.set(title=f"spectral scale s / λmax (n = {iter_n}, median)", ylabel="s / λmax")
+    ax.set(ylabel="s / λmax")
     ax.legend(fontsize=7)
-    for j in range(len(tols) + 1, ncols):
-        axes[1][j].axis("off")
-    fig.suptitle(f"Inverse-root solvers on {report['device']} (torch {report['torch']})", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Write the PNG: error vs time per size (top), iterations and s/λmax per scaling (bottom);
+    False without matplotlib."""
+    o, rows = report["options"], report["rows"]
+    p = 4 if 4 in o["roots"] else o["roots"][0]
+    accuracy = [r for r in rows if r["study"] == "accuracy" and r["p"] == p]
+    iterations = [r for r in rows if r["study"] == "iterations" and r["p"] == p]
+    iter_n = max((r["n"] for r in iterations), default=None)
+    iterations = [r for r in iterations if r["n"] == iter_n]
+    sizes, tols, scalings = o["sizes"], o["tol"], o["scalings"]
+    ncols = max(len(sizes), len(tols) + 1)
+
+    def draw(plt: Any) -> Any:
+        from matplotlib.lines import Line2D
+
+        fig, axes = plt.subplots(2, ncols, figsize=(4.8 * ncols, 8.6), squeeze=False)
+        for j, n in enumerate(sizes):
+            _accuracy_panel(axes[0][j], accuracy, n, f"p = {p}, n = {n}, α = {o['alpha']:g}")
+        for j, tol in enumerate(tols):
+            _iterations_panel(axes[1][j], iterations, tol, scalings)
+            axes[1][j].set_title(f"iterations to tol {tol:g} (p = {p}, n = {iter_n}, median)")
+        _scale_panel(axes[1][len(tols)], iterations, scalings)
+        axes[1][len(tols)].set_title(f"spectral scale s / λmax (n = {iter_n}, median)")
+        for ax in [*axes[0][len(sizes) :], *axes[1][len(tols) + 1 :]]:
+            ax.axis("off")
+        handles = [Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in _COLORS.items()]
+        handles += [
+            Line2D([], [], color="gray", marker=m, linestyle="", label=q) for q, m in _MARKERS.items()
+        ]
+        handles.append(Line2D([], [], color="gray", linestyle=":", label=f"error ≥ {_ERROR_CLIP:g} or NaN"))
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=10, fontsize=8)
+        fig.suptitle(f"Inverse-root solvers on {report['device']} (torch {report['torch']})", fontsize=11)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        return fig
+
+    return save_plot(path, draw, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,9 +621,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the quick or full defaults and validate them."""
-    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
-    for key, value in defaults.items():
+    """Fill unset options from the preset and validate them."""
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
     if args.device is None:
@@ -724,35 +650,13 @@ def _progress(row: dict[str, Any]) -> str:
     )
 
 
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def _runs(method: str, p: int) -> bool:
     """``ndb`` needs ``p`` to be 1 or a power of two."""
     return method != "ndb" or p & (p - 1) == 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the study, print the markdown report and write roots-<device>.{json,md,png} to ``--out``."""
-    args = _resolve(args)
-    previous_threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    name = device_name(device)
-    print(f"device: {name}; torch {torch.__version__}; {args.count} matrices per stack", flush=True)
-    started, load_start = time.perf_counter(), _load()
+def study_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Every accuracy row, then per size the iteration study (sizes up to ``--iter-max-size``)."""
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
         problem = make_problem(n, args.count, args.alpha, args.eps, args.seed, device)
@@ -768,44 +672,32 @@ def _run(args: argparse.Namespace) -> int:
                 spectrum = make_problem(n, args.count, alpha, args.eps, args.seed, device)
             else:
                 spectrum = problem
-            for p in args.roots:
-                for method in ("newton", "ndb"):
-                    if method not in args.methods or not _runs(method, p):
-                        continue
-                    for tol in args.tol:
-                        for scaling in args.scalings:
-                            rows.append(iteration_row(spectrum, p, method, scaling, tol, args))
-                            print(_progress(rows[-1]), flush=True)
-    load_end = _load()
-    report: dict[str, Any] = {
-        "command": command_line(args),
-        "argv": sys.argv,
-        "device": name,
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "runtime_s": time.perf_counter() - started,
-        "load_average": None if load_start is None or load_end is None else [load_start, load_end],
-        "options": {k: v for k, v in vars(args).items() if k != "command"},
-        "rows": rows,
-    }
+            for p, method, tol, scaling in itertools.product(
+                args.roots, ("newton", "ndb"), args.tol, args.scalings
+            ):
+                if method in args.methods and _runs(method, p):
+                    rows.append(iteration_row(spectrum, p, method, scaling, tol, args))
+                    print(_progress(rows[-1]), flush=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study, print the markdown report and write roots-<device>.{json,md,png} to ``--out``."""
+    args = _resolve(args)
+    device = torch.device(args.device)
+    with torch_threads(args.threads):
+        record = RunRecord.start(args, device, "dash-shampoo bench roots")
+        print(
+            f"device: {record.device}; torch {torch.__version__}; {args.count} matrices per stack", flush=True
+        )
+        rows = study_rows(args, device)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "command_line", "benchmark")}
+    report: dict[str, Any] = {**record.metadata(), "options": options, "rows": rows}
     text = markdown(report)
     print()
     print(text)
     if args.out:
-        stem = Path(args.out) / f"roots-{device_slug(device)}"
+        stem = record.stem(Path(args.out), "roots")
         written = write_report(stem, report, text, None if args.no_plot else plot, allow_nan=False)
         print("wrote " + ", ".join(map(str, written)))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m dash_shampoo.bench.roots``)."""
-    parser = argparse.ArgumentParser(prog="dash-shampoo roots")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

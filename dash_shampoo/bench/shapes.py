@@ -1,10 +1,10 @@
-"""Parameter sets shaped like real models, for the optimizer-step benchmark (``bench step``).
+"""Parameter shape sets for the benchmarks: the models of :mod:`dash_shampoo.models`, and one set that
+is not a model.
 
-Every set is a list of ``(name, shape)`` pairs; :func:`make_parameters` turns it into leaf tensors
-with random gradients. The Llama-style sets follow :mod:`dash_shampoo.models`: an untied
-embedding and head ``(V, d)``, per layer ``wq, wk, wv, wo`` ``(d, d)``, SwiGLU ``w1, w3`` ``(h, d)``
-and ``w2`` ``(d, h)`` (``h = 8/3·d`` rounded up to ``multiple_of``), two RMSNorm vectors ``(d,)``
-per layer and a final one.
+A model's set is the parameters of the real ``Llama`` of that size (with the size's vocabulary),
+read on the meta device (:func:`dash_shampoo.models.parameter_shapes`): an untied embedding and
+head ``(V, d)``, per layer one fused ``wqkv`` ``(3d, d)``, ``wo`` ``(d, d)``, SwiGLU ``w1, w3``
+``(h, d)`` and ``w2`` ``(d, h)``, two RMSNorm vectors ``(d,)``, and a final one.
 
 ``953m-rank`` is one rank's share of the paper's 953M model (d = 2048, 16 layers, SwiGLU hidden
 5632, vocab 32000, untied) at block size 1024 on 8 GPUs. The reference implementation's comment
@@ -24,16 +24,17 @@ from dataclasses import dataclass
 import torch
 
 from ..blocking import Blocking
+from ..models import SIZES, parameter_shapes
 
 Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class ModelShapes:
+class ShapeSet:
     """A named list of parameter shapes.
 
     Attributes:
-        name: the ``--model`` name.
+        name: the ``--models`` name.
         description: one line for the report.
         shapes: ``(parameter name, shape)`` pairs in model order.
     """
@@ -48,29 +49,10 @@ class ModelShapes:
         return sum(math.prod(shape) for _, shape in self.shapes)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return (value + multiple - 1) // multiple * multiple
-
-
-def llama_shapes(d_model: int, n_layer: int, vocab: int, multiple_of: int = 256) -> list[tuple[str, Shape]]:
-    """Parameter shapes of a Llama-style decoder (untied embedding and head, SwiGLU, RMSNorm)."""
-    hidden = _round_up(int(8 * d_model / 3), multiple_of)
-    shapes: list[tuple[str, Shape]] = [("embedding", (vocab, d_model))]
-    for i in range(n_layer):
-        shapes += [
-            (f"blocks.{i}.attention_norm", (d_model,)),
-            *((f"blocks.{i}.attention.{w}", (d_model, d_model)) for w in ("wq", "wk", "wv", "wo")),
-            (f"blocks.{i}.mlp_norm", (d_model,)),
-            (f"blocks.{i}.mlp.w1", (hidden, d_model)),
-            (f"blocks.{i}.mlp.w3", (hidden, d_model)),
-            (f"blocks.{i}.mlp.w2", (d_model, hidden)),
-        ]
-    shapes += [("norm", (d_model,)), ("head", (vocab, d_model))]
-    return shapes
-
-
-def _rank_953m() -> list[tuple[str, Shape]]:
-    return [
+RANK_953M = ShapeSet(
+    "953m-rank",
+    "one rank (of 8) of the paper's 953M Llama at block 1024: 230×1024², 2×256², 8×512² factors",
+    (
         ("embedding", (32000, 2048)),
         ("mlp.w1.a", (5632, 2048)),
         ("mlp.w1.b", (5632, 2048)),
@@ -78,36 +60,31 @@ def _rank_953m() -> list[tuple[str, Shape]]:
         ("mlp.w2.b", (2048, 5632)),
         ("attention.wo.a", (2048, 2048)),
         ("attention.wo.b", (2048, 2048)),
-    ]
+    ),
+)
+#: Every set's name: the model sizes, then the sets that are not a model.
+SET_NAMES: tuple[str, ...] = (*SIZES, RANK_953M.name)
 
 
-MODELS: dict[str, ModelShapes] = {
-    "tiny": ModelShapes(
-        "tiny", "Llama-style d=64, 2 layers, vocab 512 (for tests)", tuple(llama_shapes(64, 2, 512, 64))
-    ),
-    "mini": ModelShapes(
-        "mini", "Llama-style d=256, 4 layers, hidden 768, vocab 4096", tuple(llama_shapes(256, 4, 4096))
-    ),
-    "small": ModelShapes(
-        "small", "Llama-style d=512, 8 layers, hidden 1536, vocab 32000", tuple(llama_shapes(512, 8, 32000))
-    ),
-    "124m": ModelShapes(
-        "124m", "Llama-style d=768, 12 layers, hidden 2048, vocab 32000", tuple(llama_shapes(768, 12, 32000))
-    ),
-    "350m": ModelShapes(
-        "350m",
-        "Llama-style d=1024, 24 layers, hidden 2816, vocab 32000",
-        tuple(llama_shapes(1024, 24, 32000)),
-    ),
-    "953m-rank": ModelShapes(
-        "953m-rank",
-        "one rank (of 8) of the paper's 953M Llama at block 1024: 230×1024², 2×256², 8×512² factors",
-        tuple(_rank_953m()),
-    ),
-}
+def shape_set(name: str) -> ShapeSet:
+    """The set called ``name``: a model size of :data:`dash_shampoo.models.SIZES`, or ``953m-rank``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == RANK_953M.name:
+        return RANK_953M
+    if name not in SIZES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(SET_NAMES)}")
+    config = SIZES[name]
+    description = (
+        f"Llama d={config.d_model}, {config.n_layer} layers, hidden {config.hidden}, "
+        f"vocab {config.padded_vocab}"
+    )
+    return ShapeSet(name, description, tuple(parameter_shapes(config)))
 
 
-def factor_counts(shapes: ModelShapes, block_size: int, one_dim: str = "shampoo") -> dict[int, int]:
+def factor_counts(shapes: ShapeSet, block_size: int, one_dim: str = "shampoo") -> dict[int, int]:
     """Number of Shampoo factor matrices per side length that DASH builds at ``block_size``.
 
     Counts both sides of every block (a side of size 1 has no factor), as
@@ -123,7 +100,7 @@ def factor_counts(shapes: ModelShapes, block_size: int, one_dim: str = "shampoo"
 
 
 def make_parameters(
-    shapes: ModelShapes, device: torch.device, seed: int = 0, grad_scale: float = 1e-3
+    shapes: ShapeSet, device: torch.device, seed: int = 0, grad_scale: float = 1e-3
 ) -> list[torch.Tensor]:
     """Leaf float32 tensors of ``shapes`` (``N(0, 0.02²)``) with gradients ``N(0, grad_scale²)``.
 
