@@ -191,9 +191,11 @@ def write_report(
     """Write ``stem.json`` (``report``, indented, with ``json_options``), ``stem.md`` (``text``) and,
     given ``plot``, ``stem.png``; returns the paths written (the PNG only if ``plot`` made it)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    written[0].write_text(json.dumps(report, indent=1, **json_options) + "\n")
-    written[1].write_text(text)
-    if plot is not None and plot(report, stem.with_suffix(".png")):
-        written.append(stem.with_suffix(".png"))
+    # Suffixes are appended, not substituted: a stem like "run.v2" keeps its dot.
+    json_path, md_path, png_path = (stem.with_name(stem.name + suffix) for suffix in (".json", ".md", ".png"))
+    json_path.write_text(json.dumps(report, indent=1, **json_options) + "\n")
+    md_path.write_text(text)
+    written = [json_path, md_path]
+    if plot is not None and plot(report, png_path):
+        written.append(png_path)
     return written

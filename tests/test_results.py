@@ -76,3 +76,8 @@ def test_save_plot_without_matplotlib_says_so(
     assert not save_plot(tmp_path / "c.png", lambda plt: pytest.fail("drawn without matplotlib"))
     assert not (tmp_path / "c.png").exists()
     assert "matplotlib is not installed: no c.png" in capsys.readouterr().err
+
+
+def test_write_report_keeps_a_dotted_stem(tmp_path: Path) -> None:
+    written = write_report(tmp_path / "run.v2", {"x": 1}, "text\n")
+    assert [p.name for p in written] == ["run.v2.json", "run.v2.md"]
