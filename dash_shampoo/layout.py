@@ -140,22 +140,53 @@ def collect_regions(
             if used:
                 regions.params.append(p)
             blocking = Blocking.build(p.shape, group["block_size"], group["one_dim"])
-            for r_index, region in enumerate(blocking.regions):
-                if used and p in state:
-                    _check_region(state[p], r_index, region.block, p.shape)
+            if used and p in state:
+                check_state(state[p], p, blocking, group, f"parameter {p_index} of group {g_index}", False)
+            for r_index in range(len(blocking.regions)):
                 regions.entries.append(RegionEntry(g_index, p_index, p, blocking, r_index, used))
     regions.fingerprint.append(signature(groups))
     return regions
 
 
-def _check_region(state: dict, region: int, block: tuple[int, int], shape: torch.Size) -> None:
-    tensor = state.get(f"grad_ema.{region}", state.get(f"moment.{region}"))
-    if tensor is not None and tuple(tensor.shape[1:]) != block:
-        raise ValueError(
-            f"the saved state of a parameter of shape {tuple(shape)} has blocks of shape "
-            f"{tuple(tensor.shape[1:])}, but block_size now gives {block}; load it with the block_size "
-            "it was saved with"
-        )
+def check_state(
+    entry: dict[str, Any],
+    param: torch.Tensor,
+    blocking: Blocking,
+    group: dict[str, Any],
+    name: str,
+    complete: bool,
+) -> None:
+    """Check a parameter's state against the blocks its options give: every region tensor present
+    has the shape ``(blocks, m, n)`` or ``(blocks, s, s)`` of its region; with ``complete`` (a loaded
+    state) the step counter and every tensor the options need must be there too.
+
+    Raises:
+        ValueError: naming the parameter (``name``), the key and both shapes.
+    """
+    if complete and "step" not in entry:
+        raise ValueError(f"the saved state of {name} (shape {tuple(param.shape)}) has no 'step'")
+    kinds = elementwise_kinds(group)
+    for r, region in enumerate(blocking.regions):
+        expected = {f"{kind}.{r}": (region.count, *region.block) for kind in kinds}
+        for side, size in blocking.sides(region):
+            expected[f"{side}.{r}"] = expected[f"{side}_root.{r}"] = (region.count, size, size)
+        for key, shape in expected.items():
+            if key not in entry:
+                if complete:
+                    raise ValueError(
+                        f"the saved state of {name} (shape {tuple(param.shape)}) lacks {key!r} "
+                        f"(a tensor of shape {shape} with these options)"
+                    )
+                continue
+            got = (
+                tuple(entry[key].shape) if isinstance(entry[key], torch.Tensor) else type(entry[key]).__name__
+            )
+            if got != shape:
+                raise ValueError(
+                    f"the saved state of {name} (shape {tuple(param.shape)}) has {key!r} of shape {got}, "
+                    f"but block_size {group['block_size']} gives {shape}; load it with the block_size it "
+                    "was saved with, into a parameter of the shape it was saved for"
+                )
 
 
 # ---------------------------------------------------------------------------------------------

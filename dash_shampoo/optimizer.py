@@ -22,13 +22,14 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, layout
 from ._checks import check_choice, check_number
+from .blocking import Blocking
 from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
-from .linalg.precision import PRECISIONS, Precision
-from .linalg.roots import EIGEN_FIXES, METHODS, EigenFix, Method, matrices_per_chunk
-from .linalg.scaling import SCALINGS, Scaling, hashed_start_vectors
+from .linalg.precision import Precision
+from .linalg.roots import EigenFix, Method, matrices_per_chunk
+from .linalg.scaling import Scaling, hashed_start_vectors
+from .options import GroupChecks, OneDim, check_group
 from .preconditioner import (
-    GRAFTINGS,
     Grafting,
     accept_roots,
     accumulate_factor,
@@ -44,12 +45,14 @@ NonFinite = Literal["skip", "raise"]
 NONFINITE: tuple[str, ...] = ("skip", "raise")
 Communication = Literal["fp32", "bf16"]
 COMMUNICATION: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OneDim = Literal["shampoo", "adam"]
-ONE_DIM: tuple[str, ...] = ("shampoo", "adam")
 
 # On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
 # elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
 CPU_CHUNK_ELEMENTS = 1 << 18
+
+
+#: Counters of what DASH refused or repaired; saved in the state dict.
+COUNTERS = ("skipped_steps", "skipped_blocks", "root_failures", "factor_resets")
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ class DASH(Optimizer):
             matrix_root=matrix_root,
             maximize=maximize,
         )
-        _check_group(defaults)
+        check_group(defaults)
         self.stacking = check_choice("stacking", stacking, STACKINGS)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.seed = check_number("seed", seed, low=0, integer=True)
@@ -223,6 +226,7 @@ class DASH(Optimizer):
         self._layout: Layout | None = None
         self._failures: dict[torch.device, torch.Tensor] = {}
         self._root_hooks: OrderedDict[int, RootHook] = OrderedDict()
+        self._checks = GroupChecks()
         self.skipped_steps = 0
         self.skipped_blocks = 0
 
@@ -231,7 +235,7 @@ class DASH(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_group(group)
+            check_group(group)
             for p in group["params"]:
                 if p.is_complex():
                     raise TypeError(
@@ -269,6 +273,7 @@ class DASH(Optimizer):
         self.__dict__.setdefault("_layout", None)
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
+        self.__dict__.setdefault("_checks", GroupChecks())
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("skipped_blocks", 0)
         for group in self.param_groups:
@@ -312,6 +317,10 @@ class DASH(Optimizer):
         local = super().state_dict()
         if distributed.world(self._process_group)[1] > 1:
             local["state"] = distributed.merge_states(self._process_group, local["state"])
+        # The counters travel in every group (param_groups survive torch.distributed.checkpoint).
+        counters = {key: getattr(self, key) for key in COUNTERS}
+        for group in local["param_groups"]:
+            group.update(counters)
         return local
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -320,11 +329,34 @@ class DASH(Optimizer):
         Unlike the base class, floating state stays float32 (it is not cast to a bf16
         parameter's dtype); it is moved to each parameter's device.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
+            self._check_saved_state(saved_state, saved_groups)  # else the base class says what differs
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        counters = {key: int(self.param_groups[0].get(key, 0)) for key in COUNTERS} if saved_groups else {}
+        for group in self.param_groups:
+            for key in COUNTERS:
+                group.pop(key, None)
+        if counters:
+            self.skipped_steps, self.skipped_blocks = counters["skipped_steps"], counters["skipped_blocks"]
+            self._failures = {
+                torch.device("cpu"): torch.tensor([counters["root_failures"], counters["factor_resets"]])
+            }
+        saved_ids = [i for group in saved_groups for i in group["params"]]
         self._restore_state(saved_state, saved_ids)
         self._layout = None
+
+    def _check_saved_state(self, saved: dict[int, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+        """Check each saved parameter state against the parameter it loads into, with the saved
+        group's options, before anything is changed (:func:`dash_shampoo.layout.check_state`)."""
+        for g_index, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            options = {**self.defaults, **saved_group}
+            check_group(options)
+            for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
+                if index in saved and p.numel() > 0:
+                    blocking = Blocking.build(p.shape, options["block_size"], options["one_dim"])
+                    name = f"parameter {p_index} of group {g_index}"
+                    layout.check_state(saved[index], p, blocking, options, name, complete=True)
 
     def _restore_state(self, saved: dict[int, dict[str, Any]], ids: list[int] | None = None) -> None:
         """Set each parameter's state from ``saved`` (by the index ``ids`` give it; its own position
@@ -355,6 +387,7 @@ class DASH(Optimizer):
                 active.add(p)
         if not active:
             return loss
+        self._checks.check(self.param_groups)
         plan = self._layout
         if plan is None or not plan.covers(active) or plan.signature != layout.signature(self.param_groups):
             plan = self._layout = self._build_layout(active)
@@ -580,47 +613,3 @@ def _restore(key: str, value: Any, device: torch.device) -> Any:
     if key == "step":
         return value.detach().to(device="cpu", dtype=torch.int64).clone()
     return value.detach().to(device=device, dtype=torch.float32).clone()
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """Validate every option of a parameter group (constructor defaults or a group override)."""
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr as a tensor must have one element; got shape {tuple(lr.shape)}")
-    check_number("lr", lr, low=0)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-    check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
-    check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
-    check_number("eps", group["eps"], low=0)
-    check_number("weight_decay", group["weight_decay"], low=0)
-    check_number("block_size", group["block_size"], low=1, integer=True)
-    check_number("factor_beta", group["factor_beta"], low=0, high=1, low_open=True)
-    check_number("precondition_frequency", group["precondition_frequency"], low=1, integer=True)
-    check_number("start_preconditioning_step", group["start_preconditioning_step"], low=1, integer=True)
-    for flag in ("stagger", "bias_correction", "nesterov", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{flag} must be a bool; got {group[flag]!r}")
-    check_choice("grafting", group["grafting"], GRAFTINGS)
-    check_number("momentum", group["momentum"], low=0, high=1, high_open=True)
-    check_choice("root_method", group["root_method"], METHODS)
-    check_number("root_eps", group["root_eps"], low=0)
-    check_number("root_eps_relative", group["root_eps_relative"], low=0)
-    check_number("root_steps", group["root_steps"], low=1, integer=True)
-    if group["root_tol"] is not None:
-        check_number("root_tol", group["root_tol"], low=0, low_open=True)
-    check_choice("scaling", group["scaling"], SCALINGS)
-    check_number("scaling_steps", group["scaling_steps"], low=0, integer=True)
-    check_number("num_vectors", group["num_vectors"], low=1, integer=True)
-    check_number("safety", group["safety"], low=0, low_open=True)
-    check_choice("precision", group["precision"], PRECISIONS)
-    check_choice("eigen_fix", group["eigen_fix"], EIGEN_FIXES)
-    check_number("chebyshev_degree", group["chebyshev_degree"], low=1, integer=True)
-    check_number("chebyshev_interval_lower", group["chebyshev_interval_lower"], low=0, low_open=True)
-    check_choice("one_dim", group["one_dim"], ONE_DIM)
-    root = group["matrix_root"]
-    if root is not None:
-        check_number("matrix_root", root, low=1, integer=True)
-        if group["root_method"] == "ndb" and root & (root - 1):
-            raise ValueError(f"matrix_root must be 1 or a power of two with root_method 'ndb'; got {root}")

@@ -149,7 +149,9 @@ def test_saved_state_with_another_block_size_is_refused():
     groups = _groups([(8, 8)])
     p = groups[0]["params"][0]
     state = {p: {"step": torch.tensor(1), "grad_ema.0": torch.zeros(1, 8, 8)}}
-    with pytest.raises(ValueError, match=r"blocks of shape \(8, 8\), but block_size now gives \(4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"'grad_ema.0' of shape \(1, 8, 8\), but block_size 4 gives \(4, 4, 4\)"
+    ):
         layout.collect_regions(groups, state, {p})
 
 

@@ -1,0 +1,143 @@
+"""The options of a DASH parameter group and their checks, one per option.
+
+Each check raises ``ValueError`` or ``TypeError`` naming the option, its value and what is allowed.
+:class:`GroupChecks` remembers the values it last checked, so options changed in
+``optimizer.param_groups`` between steps are checked again before they are used; only changed
+values are checked, and a tensor ``lr`` is compared by identity and checked by its shape, never by
+reading its value (which would synchronise with an accelerator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from ._checks import check_choice, check_number
+from .linalg.precision import PRECISIONS
+from .linalg.roots import EIGEN_FIXES, METHODS
+from .linalg.scaling import SCALINGS
+from .preconditioner import GRAFTINGS
+
+OneDim = Literal["shampoo", "adam"]
+ONE_DIM: tuple[str, ...] = ("shampoo", "adam")
+
+
+def _lr(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must have one element; got shape {tuple(lr.shape)}")
+        return
+    check_number("lr", lr, low=0)
+
+
+def _betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
+    check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+
+
+def _flag(name: str) -> Callable[[dict[str, Any]], None]:
+    def check(group: dict[str, Any]) -> None:
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{name} must be a bool; got {group[name]!r}")
+
+    return check
+
+
+def _number(name: str, **bounds: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda group: check_number(name, group[name], **bounds)
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
+    return lambda group: check_choice(name, group[name], allowed)
+
+
+def _root_tol(group: dict[str, Any]) -> None:
+    if group["root_tol"] is not None:
+        check_number("root_tol", group["root_tol"], low=0, low_open=True)
+
+
+def _matrix_root(group: dict[str, Any]) -> None:
+    root = group["matrix_root"]
+    if root is not None:
+        check_number("matrix_root", root, low=1, integer=True)
+        if group["root_method"] == "ndb" and root & (root - 1):
+            raise ValueError(f"matrix_root must be 1 or a power of two with root_method 'ndb'; got {root}")
+
+
+#: Option -> its check (a check may read other options of the group, e.g. matrix_root's method).
+CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "lr": _lr,
+    "betas": _betas,
+    "eps": _number("eps", low=0),
+    "weight_decay": _number("weight_decay", low=0),
+    "block_size": _number("block_size", low=1, integer=True),
+    "factor_beta": _number("factor_beta", low=0, high=1, low_open=True),
+    "precondition_frequency": _number("precondition_frequency", low=1, integer=True),
+    "start_preconditioning_step": _number("start_preconditioning_step", low=1, integer=True),
+    "stagger": _flag("stagger"),
+    "grafting": _choice("grafting", GRAFTINGS),
+    "bias_correction": _flag("bias_correction"),
+    "momentum": _number("momentum", low=0, high=1, high_open=True),
+    "nesterov": _flag("nesterov"),
+    "root_method": _choice("root_method", METHODS),
+    "root_eps": _number("root_eps", low=0),
+    "root_eps_relative": _number("root_eps_relative", low=0),
+    "root_steps": _number("root_steps", low=1, integer=True),
+    "root_tol": _root_tol,
+    "scaling": _choice("scaling", SCALINGS),
+    "scaling_steps": _number("scaling_steps", low=0, integer=True),
+    "num_vectors": _number("num_vectors", low=1, integer=True),
+    "safety": _number("safety", low=0, low_open=True),
+    "precision": _choice("precision", PRECISIONS),
+    "eigen_fix": _choice("eigen_fix", EIGEN_FIXES),
+    "chebyshev_degree": _number("chebyshev_degree", low=1, integer=True),
+    "chebyshev_interval_lower": _number("chebyshev_interval_lower", low=0, low_open=True),
+    "one_dim": _choice("one_dim", ONE_DIM),
+    "matrix_root": _matrix_root,
+    "maximize": _flag("maximize"),
+}
+# Checks that read another option run again when that one changes.
+_DEPENDENTS = {"root_method": ("matrix_root",)}
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """Check every option of a parameter group (constructor defaults or a group override)."""
+    for check in CHECKS.values():
+        check(group)
+
+
+class GroupChecks:
+    """The option values last checked for each parameter group."""
+
+    def __init__(self) -> None:
+        self._checked: list[dict[str, Any]] = []
+
+    def check(self, groups: list[dict[str, Any]]) -> None:
+        """Check the options that changed since the last call (all of a group seen first).
+
+        Raises:
+            ValueError, TypeError: a changed option is not allowed; nothing is remembered for it,
+                so it is checked again at the next call.
+        """
+        del self._checked[len(groups) :]
+        for index, group in enumerate(groups):
+            if index == len(self._checked):
+                self._checked.append({})
+            seen = self._checked[index]
+            changed = [key for key in CHECKS if key not in seen or not _same(seen[key], group[key])]
+            dependents = [d for key in changed for d in _DEPENDENTS.get(key, ())]
+            for key in changed + dependents:
+                CHECKS[key](group)
+            seen.update((key, group[key]) for key in changed)
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
+        return old is new
+    return type(old) is type(new) and old == new
