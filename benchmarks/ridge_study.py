@@ -9,6 +9,9 @@ seed, so the seed-to-seed spread of the task cancels).
 
     python benchmarks/ridge_study.py --out runs/ridge-study
     python benchmarks/ridge_study.py --out runs/ridge-study --summary benchmarks/results/ridge-study-cpu
+
+``--share 0/2`` and ``--share 1/2`` run half the configurations each (two processes on two cores);
+a final run without ``--share`` finds them all on disk and writes the summary.
 """
 
 from __future__ import annotations
@@ -100,10 +103,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ridge-study"), help="per-run results")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--summary", type=Path, help="write <stem>.json and <stem>.md here")
+    parser.add_argument(
+        "--share", default="0/1", help="K/N: run every N-th configuration from the K-th (parallel studies)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    share, shares = map(int, args.share.split("/"))
+    configurations = list(itertools.product(SEEDS, METHODS, RIDGES))
+    if shares > 1:
+        for seed, method, ridge in configurations[share::shares]:
+            run_one(args.out, method, ridge, seed, args.steps)
+        return
     runs = {}
-    for seed, method, ridge in itertools.product(SEEDS, METHODS, RIDGES):
+    for seed, method, ridge in configurations:
         record = runs[method, ridge, seed] = run_one(args.out, method, ridge, seed, args.steps)
         print(f"{run_name(method, ridge, seed)}: {record['final_val_loss']:.4f}", flush=True)
     rows, meta = summarize(runs)

@@ -235,16 +235,20 @@ def keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int
             state[key] = tensor[first : first + owned].clone()
 
 
+#: State entries of a whole parameter (the others are region tensors, one row per block).
+PER_PARAMETER = ("step", "shape")
+
+
 def merge_states(group: Any, local: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Every rank's share of the per-parameter state ``local`` (by parameter index), joined in block
     order: each region tensor is the concatenation of the ranks' rows (ranks own contiguous runs in
-    rank order); the step counters are the same everywhere."""
+    rank order); the step counters and shapes are the same everywhere."""
     merged: dict[int, dict[str, Any]] = {}
     for rank_state in gather_state(group, local):
         for index, entry in rank_state.items():
             target = merged.setdefault(index, {})
             for key, value in entry.items():
-                if key == "step" or key not in target:
+                if key in PER_PARAMETER or key not in target:
                     target[key] = value
                 else:
                     target[key] = torch.cat([target[key], value])

@@ -165,6 +165,11 @@ def check_state(
     """
     if complete and "step" not in entry:
         raise ValueError(f"the saved state of {name} (shape {tuple(param.shape)}) has no 'step'")
+    if "shape" in entry and tuple(entry["shape"].tolist()) != tuple(param.shape):
+        raise ValueError(
+            f"the saved state of {name} was saved for a parameter of shape {tuple(entry['shape'].tolist())}, "
+            f"not {tuple(param.shape)}; load it into the parameter it was saved for"
+        )
     kinds = elementwise_kinds(group)
     for r, region in enumerate(blocking.regions):
         expected = {f"{kind}.{r}": (region.count, *region.block) for kind in kinds}
@@ -307,14 +312,17 @@ def build(
     exchange_dtype: torch.dtype = torch.float32,
 ) -> Layout:
     """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, this rank's stacks
-    and banks, and their buffers bound to ``state`` (which gains a ``step`` counter for every used
-    parameter, and loses the rows of loaded or regathered tensors that another rank owns). With
-    several ranks the updates are exchanged in ``exchange_dtype``."""
+    and banks, and their buffers bound to ``state`` (which gains a ``step`` counter and the
+    ``shape`` it was made for, for every used parameter, and loses the rows of loaded or regathered
+    tensors that another rank owns). With several ranks the updates are exchanged in
+    ``exchange_dtype``."""
     ownership = plan_ownership(groups, regions, world_size)
     stacks, ordinals, runs_by_rank = _plan_stacks(regions, ownership, state, stacking, rank, world_size)
     banks = _plan_banks(groups, stacks, ordinals, stacking)
     for p in regions.params:
-        state.setdefault(p, {}).setdefault("step", torch.zeros((), dtype=torch.int64))
+        entry = state.setdefault(p, {})
+        entry.setdefault("step", torch.zeros((), dtype=torch.int64))
+        entry.setdefault("shape", torch.tensor(p.shape, dtype=torch.int64))
     _bind(groups, state, stacks, banks)
     exchange = distributed.Exchange(stacks, runs_by_rank, rank, exchange_dtype) if world_size > 1 else None
     options = [root_options(group) for group in groups]

@@ -610,6 +610,6 @@ def _may_overflow(peak: Any, block: tuple[int, int]) -> Any:
 def _restore(key: str, value: Any, device: torch.device) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
-    if key == "step":
+    if key in distributed.PER_PARAMETER:
         return value.detach().to(device="cpu", dtype=torch.int64).clone()
     return value.detach().to(device=device, dtype=torch.float32).clone()

@@ -142,6 +142,33 @@ def scenario_mismatch(rank: int, world: int, out_dir: str) -> dict:
     return {"error": None, "type_error": type_error}
 
 
+#: The shapes of the layout report (edge and corner blocks, 3-D, 1-D, size-1 dimensions, a scalar).
+LAYOUT_SHAPES = [(37, 23), (5, 3, 7), (100,), (1,), (2, 64), (16, 16), (3, 1, 40), ()]
+LAYOUT_METHODS = ("ndb", "newton", "chebyshev", "eigh")
+
+
+def layout_case(root_method: str, lr: float = 1e-2) -> list[torch.Tensor]:
+    """Default DASH with ``block_size=16`` and lr 1e-2 on LAYOUT_SHAPES after 4 steps of random
+    gradients, on one torch thread (the results are compared bitwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=generator).requires_grad_() for s in LAYOUT_SHAPES]
+        optimizer = DASH(params, lr=lr, block_size=16, root_method=root_method)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        return [p.detach() for p in params]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def scenario_layouts(rank: int, world: int, out_dir: str) -> dict:
+    return {method: layout_case(method) for method in LAYOUT_METHODS}
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
     """Join the gloo group and run each named scenario, saving its result or its traceback."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -61,7 +61,7 @@ def single_process(steps: range, model=None, optimizer=None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist2"))
-    return launch(2, ["train", "tiny", "save", "mismatch"], out), out
+    return launch(2, ["train", "tiny", "save", "mismatch", "layouts"], out), out
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def three_ranks(tmp_path_factory, two_ranks):
     out = str(tmp_path_factory.mktemp("dist3"))
     # The 2-rank checkpoint resumes at 3 ranks.
     torch.save(torch.load(os.path.join(two_ranks[1], "checkpoint.pt")), os.path.join(out, "checkpoint.pt"))
-    return launch(3, ["train", "tiny", "resume"], out), out
+    return launch(3, ["train", "tiny", "resume", "layouts"], out), out
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
@@ -88,6 +88,23 @@ def test_ranks_agree_and_match_single_process(ranks, request):
         # Same work as the parent process, but its thread count may differ (bitwise not promised).
         assert_close_to_single(result["local_params"], expected)
         assert result["copy_kinds"] == [len(results), 1]
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
+def test_default_options_give_one_process_results_at_any_world_size(ranks, request):
+    """Under the default options on one thread, 2 and 3 ranks give the bits of one process with the
+    iterative solvers (each block's scale and root depend on the block alone), and eigh within
+    1e-4 of the update (the CPU's batched eigh rounds by batch)."""
+    results = request.getfixturevalue(ranks)[0]["layouts"]
+    start = dist_worker.layout_case("ndb", lr=0.0)
+    for method in dist_worker.LAYOUT_METHODS:
+        expected = dist_worker.layout_case(method)
+        for result in results:
+            for got, want, s in zip(result[method], expected, start):
+                if method == "eigh":
+                    assert (got - want).abs().max() <= 1e-4 * (want - s).abs().max(), method
+                else:
+                    assert torch.equal(got, want), (method, tuple(want.shape))
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])

@@ -877,3 +877,48 @@ def test_type_errors(A, kwargs, message):
     kwargs = {"p": 2, **kwargs}
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         inverse_root(A, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extreme scales and inputs that are not symmetric positive semi-definite
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scale", [1e38, 3e38, 1e-38])
+def test_roots_of_matrices_at_the_ends_of_fp32(method, scale):
+    """c·I near the largest and the smallest normal fp32 numbers: once ``2·scale`` overflowed and
+    Newton returned zeros, NDB NaN. The root (c^(-1/4)) is representable, so it must come out,
+    within fp32 rounding for the iterations and eigh (1e-6) and within the degree-40 Chebyshev
+    approximation's error (measured 2.8e-3, bound 1e-2). No ridge: eps would dominate 1e-38."""
+    A = torch.eye(6).expand(3, 6, 6) * scale
+    X = inverse_root(A, 4, method, eps=0.0)
+    expected = torch.eye(6) * scale**-0.25
+    rtol = 1e-2 if method == "chebyshev" else 1e-6
+    torch.testing.assert_close(X, expected.expand(3, 6, 6), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_symmetric_and_negative_definite_inputs_raise(method):
+    A = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"^A\[0\] is not symmetric \(max\|A - A\^T\| = "):
+        inverse_root(A, 4, method)
+    negative = -torch.eye(5).expand(2, 5, 5).clone()
+    negative[0] = torch.eye(5)
+    with pytest.raises(ValueError, match=r"^A\[1\] is not positive semi-definite \(a diagonal entry is -1"):
+        inverse_root(negative, 4, method)
+
+
+def test_check_false_skips_the_input_test():
+    """The opt-out for callers that know their input (the optimizer's factors are sums of g gᵀ):
+    with eigen_fix='abs', -I has the root of I."""
+    X = inverse_root(-torch.eye(3)[None], 2, "eigh", eigen_fix="abs", check=False)
+    torch.testing.assert_close(X, torch.eye(3)[None])
+
+
+def test_rounding_asymmetry_passes_the_check():
+    """A factor accumulated in fp32 is symmetric only up to rounding: it is accepted."""
+    G = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(1))
+    A = G @ G.mT
+    A = A + 1e-7 * A.abs().amax() * torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(inverse_root(A, 4, "ndb", eps=1e-3)).all()
