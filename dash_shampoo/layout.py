@@ -29,6 +29,7 @@ from . import distributed
 from .blocking import Blocking
 from .linalg import RootOptions
 from .linalg.roots import root_matmuls
+from .options import check_group
 from .stacks import Bank, BlockRun, Stack, bind
 
 # Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
@@ -146,6 +147,26 @@ def collect_regions(
                 regions.entries.append(RegionEntry(g_index, p_index, p, blocking, r_index, used))
     regions.fingerprint.append(signature(groups))
     return regions
+
+
+def check_saved_state(
+    saved: dict[int, dict[str, Any]],
+    saved_groups: list[dict[str, Any]],
+    groups: list[dict[str, Any]],
+    defaults: dict[str, Any],
+) -> None:
+    """Check each saved parameter state (by the saved groups' indices) against the parameter of
+    ``groups`` it loads into, with the saved group's options (:func:`check_state`, complete), before
+    anything is loaded. The groups must hold as many parameters as the saved ones."""
+    for g_index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
+        options = {**defaults, **saved_group}
+        check_group(options)
+        for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
+            if index in saved and p.numel() > 0:
+                blocking = Blocking.build(p.shape, options["block_size"], options["one_dim"])
+                check_state(
+                    saved[index], p, blocking, options, f"parameter {p_index} of group {g_index}", True
+                )
 
 
 def check_state(

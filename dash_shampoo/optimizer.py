@@ -22,7 +22,6 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, layout
 from ._checks import check_choice, check_number
-from .blocking import Blocking
 from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
@@ -53,6 +52,10 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 
 #: Counters of what DASH refused or repaired; saved in the state dict.
 COUNTERS = ("skipped_steps", "skipped_blocks", "root_failures", "factor_resets")
+#: Attributes copies and pickles keep, with the values for pickles made before they existed.
+_KEPT_BY_COPIES = dict(
+    stacking="global", nonfinite="skip", seed=0, communication="fp32", skipped_steps=0, skipped_blocks=0
+)
 
 
 @dataclass(frozen=True)
@@ -250,18 +253,15 @@ class DASH(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("stacking", "nonfinite", "seed", "communication", "skipped_steps", "skipped_blocks"):
-            state[key] = getattr(self, key)
+        state.update({key: getattr(self, key) for key in _KEPT_BY_COPIES}, _failures=self._failures)
         # A ProcessGroup cannot be pickled or copied: record which kind of group this was.
         state["_group_kind"] = distributed.group_kind(self._process_group)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("stacking", "global")
-        self.__dict__.setdefault("nonfinite", "skip")
-        self.__dict__.setdefault("seed", 0)
-        self.__dict__.setdefault("communication", "fp32")
+        for key, value in _KEPT_BY_COPIES.items():
+            self.__dict__.setdefault(key, value)
         kind = self.__dict__.pop("_group_kind", "default")
         if kind == "custom":
             warnings.warn(
@@ -274,8 +274,6 @@ class DASH(Optimizer):
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("_checks", GroupChecks())
-        self.__dict__.setdefault("skipped_steps", 0)
-        self.__dict__.setdefault("skipped_blocks", 0)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -331,32 +329,17 @@ class DASH(Optimizer):
         """
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
         if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
-            self._check_saved_state(saved_state, saved_groups)  # else the base class says what differs
+            layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
-        counters = {key: int(self.param_groups[0].get(key, 0)) for key in COUNTERS} if saved_groups else {}
+        counts = [int(self.param_groups[0].get(key, 0)) for key in COUNTERS]  # 0 in older states
         for group in self.param_groups:
             for key in COUNTERS:
                 group.pop(key, None)
-        if counters:
-            self.skipped_steps, self.skipped_blocks = counters["skipped_steps"], counters["skipped_blocks"]
-            self._failures = {
-                torch.device("cpu"): torch.tensor([counters["root_failures"], counters["factor_resets"]])
-            }
+        self.skipped_steps, self.skipped_blocks = counts[:2]
+        self._failures = {torch.device("cpu"): torch.tensor(counts[2:])}
         saved_ids = [i for group in saved_groups for i in group["params"]]
         self._restore_state(saved_state, saved_ids)
         self._layout = None
-
-    def _check_saved_state(self, saved: dict[int, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
-        """Check each saved parameter state against the parameter it loads into, with the saved
-        group's options, before anything is changed (:func:`dash_shampoo.layout.check_state`)."""
-        for g_index, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
-            options = {**self.defaults, **saved_group}
-            check_group(options)
-            for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
-                if index in saved and p.numel() > 0:
-                    blocking = Blocking.build(p.shape, options["block_size"], options["one_dim"])
-                    name = f"parameter {p_index} of group {g_index}"
-                    layout.check_state(saved[index], p, blocking, options, name, complete=True)
 
     def _restore_state(self, saved: dict[int, dict[str, Any]], ids: list[int] | None = None) -> None:
         """Set each parameter's state from ``saved`` (by the index ``ids`` give it; its own position
