@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
 from .linalg.roots import EigenFix, Method, matrices_per_chunk
 from .linalg.scaling import Scaling, hashed_start_vectors
-from .options import GroupChecks, OneDim, check_group
+from .options import GroupChecks, OneDim, check_group, loaded_groups
 from .preconditioner import (
     Grafting,
     accept_roots,
@@ -322,24 +322,24 @@ class DASH(Optimizer):
         return local
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`, whatever the stacking mode that saved it.
-
-        Unlike the base class, floating state stays float32 (it is not cast to a bf16
-        parameter's dtype); it is moved to each parameter's device.
-        """
+        """Load a state saved by :meth:`state_dict` (any stacking mode or world size), each
+        parameter's state checked against its parameter first. Hooks behave as in
+        :class:`torch.optim.Optimizer` (a pre-hook may return a replacement dict, post-hooks see the
+        loaded state); unlike it, the state stays float32 and the process group is kept."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = hook(self, state_dict) or state_dict
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
-        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
-            layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
-        counts = [int(self.param_groups[0].get(key, 0)) for key in COUNTERS]  # 0 in older states
-        for group in self.param_groups:
-            for key in COUNTERS:
-                group.pop(key, None)
+        groups, counts = loaded_groups(saved_groups, self.param_groups, self.defaults, COUNTERS)
+        layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
+        self.param_groups = groups
         self.skipped_steps, self.skipped_blocks = counts[:2]
         self._failures = {torch.device("cpu"): torch.tensor(counts[2:])}
-        saved_ids = [i for group in saved_groups for i in group["params"]]
-        self._restore_state(saved_state, saved_ids)
+        self.state = defaultdict(dict)
+        self._restore_state(saved_state, [i for group in saved_groups for i in group["params"]])
         self._layout = None
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def _restore_state(self, saved: dict[int, dict[str, Any]], ids: list[int] | None = None) -> None:
         """Set each parameter's state from ``saved`` (by the index ``ids`` give it; its own position

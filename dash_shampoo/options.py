@@ -9,6 +9,7 @@ reading its value (which would synchronise with an accelerator).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -110,6 +111,37 @@ def check_group(group: dict[str, Any]) -> None:
     """Check every option of a parameter group (constructor defaults or a group override)."""
     for check in CHECKS.values():
         check(group)
+
+
+def loaded_groups(
+    saved: list[dict[str, Any]],
+    groups: list[dict[str, Any]],
+    defaults: dict[str, Any],
+    counters: tuple[str, ...],
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The parameter groups after loading ``saved`` (from a state dict) into ``groups``: copies of
+    the saved options with each group's own ``params`` (and its ``param_names`` if the saved one
+    has none), options the saved groups lack from the group or ``defaults``, and the ``counters``
+    keys taken out (returned as integers from the first group, 0 where absent).
+
+    Raises:
+        ValueError: the saved groups do not hold as many parameters as ``groups``.
+    """
+    saved_sizes, sizes = [len(g["params"]) for g in saved], [len(g["params"]) for g in groups]
+    if saved_sizes != sizes:
+        raise ValueError(
+            f"the state dict has parameter groups of {saved_sizes} parameters, this optimizer of "
+            f"{sizes}; load it into an optimizer built with the same parameter groups"
+        )
+    loaded = copy.deepcopy(saved)
+    counts = [int(loaded[0].get(key, 0)) for key in counters]
+    for new, group in zip(loaded, groups):
+        for key in counters:
+            new.pop(key, None)
+        for key, value in {**defaults, **group}.items():
+            if key not in new or key == "params":
+                new[key] = value
+    return loaded, counts
 
 
 class GroupChecks:

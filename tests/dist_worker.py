@@ -13,7 +13,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from dash_shampoo import DASH
+from dash_shampoo import DASH, distributed
 from dash_shampoo.bench.dist import exit_without_finalizing
 
 OPTIONS = dict(
@@ -74,7 +74,9 @@ def scenario_train(rank: int, world: int, out_dir: str) -> dict:
     local_model = mixed_model()
     local = DASH(local_model.parameters(), process_group=False, **OPTIONS)
     train(local_model, local, range(1, 7))
+    local.load_state_dict(local.state_dict())  # the optimizer keeps its process group
     return {
+        "loaded_kind": distributed.group_kind(local._process_group),
         "params": flat(model),
         "local_params": flat(local_model),
         "local_stats": local.distribution_stats(),

@@ -88,6 +88,7 @@ def test_ranks_agree_and_match_single_process(ranks, request):
         # Same work as the parent process, but its thread count may differ (bitwise not promised).
         assert_close_to_single(result["local_params"], expected)
         assert result["copy_kinds"] == [len(results), 1]
+        assert result["loaded_kind"] == "none"
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])

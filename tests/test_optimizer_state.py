@@ -113,6 +113,40 @@ def test_state_dict_different_block_size_raises():
         other.step()
 
 
+def test_load_state_dict_hooks_follow_torch():
+    """A pre-hook sees the whole saved state and may replace the dict; a post-hook sees the
+    loaded state (as in torch.optim.Optimizer)."""
+    params = make_params()
+    opt = DASH(params, lr=0.1, block_size=4)
+    run_steps(opt, params, make_grads(steps=2))
+    saved = opt.state_dict()
+    other = DASH([p.detach().clone().requires_grad_() for p in params], lr=0.1, block_size=4)
+    seen = {}
+
+    def pre(optimizer, state_dict):
+        seen["pre"] = len(state_dict["state"])
+        replaced = {**state_dict, "param_groups": [{**g, "lr": 0.5} for g in state_dict["param_groups"]]}
+        return replaced
+
+    def post(optimizer):
+        seen["post"] = sum("step" in st for st in optimizer.state.values())
+
+    other.register_load_state_dict_pre_hook(pre)
+    other.register_load_state_dict_post_hook(post)
+    other.load_state_dict(saved)
+    assert seen == {"pre": len(saved["state"]), "post": len(saved["state"])}
+    assert other.param_groups[0]["lr"] == 0.5
+
+
+def test_load_state_dict_with_other_groups_raises():
+    params = make_params()
+    opt = DASH(params, lr=0.1, block_size=4)
+    run_steps(opt, params, make_grads(steps=1))
+    other = DASH([{"params": params[:2]}, {"params": params[2:]}], lr=0.1, block_size=4)
+    with pytest.raises(ValueError, match=r"groups of \[7\] parameters, this optimizer of \[2, 5\]"):
+        other.load_state_dict(opt.state_dict())
+
+
 def test_state_dict_is_deterministic():
     sds = []
     for _ in range(2):
