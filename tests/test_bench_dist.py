@@ -45,6 +45,7 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
         shared = row["distribution"] == "shared"
         # replicated: a one-rank group per rank, in which every rank is rank 0.
         assert (stats["world_size"], stats["rank"]) == ((row["world"], row["rank"]) if shared else (1, 0))
+        assert row["state_mib"] > 0
         if row["config"] == "replicated":
             assert stats["bytes_per_step"] == 0
             assert row["max_abs_diff_vs_replicated"] == 0.0

@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..optimizer import DASH
+from ..peers import state_bytes
 from ..results import RunRecord, cpu_count, markdown_table, metadata_lines, ms, ratio, spread, write_report
 from .shapes import SET_NAMES, ShapeSet, make_parameters, shape_set
 from .timing import per_step, split_refresh, stats, sync
@@ -222,6 +223,7 @@ def _run_frequency(
                 "other": other,
                 "per_step": per_step(frequency, refresh, other),
                 "stats": optimizer.distribution_stats(),
+                "state_mib": state_bytes(optimizer.state) / 2**20,
                 "root_failures": optimizer.root_failures,
                 "skipped_steps": optimizer.skipped_steps,
                 "checksums": sums,
@@ -348,6 +350,7 @@ def _job_summary(
         "per_step": per_step(frequency, refresh, other),
         "imbalance": first["imbalance"],
         "owned_blocks": [m["stats"]["owned_blocks"] for m in members],
+        "state_mib": [m["state_mib"] for m in members],
         "bytes_per_step": first["bytes_per_step"],
         "exchange_over_model": first["bytes_per_step"] / (numel * size),
         "ranks_equal": all(m["ranks_equal"] for m in members),
@@ -406,7 +409,8 @@ def _steps_text(row: dict[str, Any]) -> list[str]:
 def summary_table(summaries: list[dict[str, Any]]) -> str:
     """One line per world size, refresh period and configuration (job = slowest rank per step)."""
     header = ["W", "F", "config", "per step ms", "step ms [min–max]", "refresh step ms [min–max]"]
-    header += ["owned blocks per rank", "imbalance", "exchange / step / rank (× model)", "× replicated"]
+    header += ["owned blocks per rank", "imbalance", "exchange / step / rank (× model)"]
+    header += ["optimizer state MiB per rank", "× replicated"]
     header += ["× W=1", "ranks bitwise equal", "max abs Δ vs replicated (of max change)"]
 
     def cells(s: dict[str, Any]) -> list[object]:
@@ -417,6 +421,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
         return [
             *(s["world"], s["frequency"], s["config"], *_steps_text(s)),
             *(", ".join(str(b) for b in s["owned_blocks"]), f"{s['imbalance']:.3f}", exchange),
+            ", ".join(f"{m:.2f}" for m in s["state_mib"]),
             *(
                 ratio(s["speedup_vs_replicated"]),
                 ratio(s["speedup_vs_world1"]),
