@@ -1,32 +1,27 @@
-"""Sharing the preconditioner work across ranks: who owns which blocks, and one exchange per step.
+"""Sharing the preconditioner work across ranks: who computes which roots, and their exchange.
 
 This is the one module that knows about ranks. With data parallelism (DDP) every rank holds the
-same averaged gradients, so each rank only needs to refresh the roots and compute the updates of
-*its* blocks; the ranks then all-gather the updates and every rank applies all of them, so the
-parameters stay identical everywhere.
+same averaged gradients, so every rank can keep the whole optimizer state, as DDP keeps AdamW's:
+each rank updates every factor and computes every block's direction (the cheap, per-step work),
+while the inverse roots (the expensive work, once per refresh) are split: each rank refreshes the
+roots of *its* blocks, and after the refreshes of a step the ranks all-gather the new roots
+(:class:`RootExchange`). Steps without a refresh exchange nothing. Because every rank holds the
+whole state, ``state_dict()`` on one rank alone (rank 0 under ``torch.save``, as nanoGPT, the
+Hugging Face ``Trainer`` and Lightning do) returns the full state without a collective, and a
+checkpoint loads into any number of ranks unchanged.
 
 Ownership is planned once, from the blocks in a canonical order (parameter groups, parameters,
-regions, blocks row-major), each with a cost estimate. The sequence is cut into ``world_size``
-contiguous segments of nearly equal cost, so a rank owns at most one contiguous run of blocks per
-region, its stacks stay batched, and one huge embedding is shared by several ranks. The plan is a
-pure function of the parameter shapes and options, identical on every rank.
+regions, blocks row-major), each with the cost of its root refreshes. The sequence is cut into
+``world_size`` contiguous segments of nearly equal cost. The plan is a pure function of the
+parameter shapes and options, identical on every rank.
 
-Here too: the update exchange (:class:`Exchange`), the checks that every rank agrees, and the
-gathering of each rank's share of the state into one per-parameter state (:func:`merge_states`)
-for ``state_dict`` and for re-planning.
-
-Fully sharded parameters (FSDP2 ``fully_shard``, DTensor) fit the same scheme: the owner of a block
-must then also hold its gradient rows, so the plan would cut at shard boundaries (each rank owns
-the blocks inside its shard, ``Shard(0)`` rows of the matrix view), the gradient gather reads the
-local shard, and the exchange becomes unnecessary (each rank updates its own shard). Only this
-module and the run gather/scatter would change.
+Here too: the checks that every rank agrees, and the statistics of the sharing.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
-import math
 import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,21 +29,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from .stacks import select_rows, write_rows
+
 if TYPE_CHECKING:
     from .layout import Layout
-    from .stacks import BlockRun, Stack
+    from .stacks import Bank, Due
 
 
-def block_cost(block: tuple[int, int], sides: list[int], frequency: int, solver_matmuls: int) -> float:
-    """Estimated flops of one block per step.
-
-    Refresh: ``solver_matmuls · 2 s³`` per factor of size ``s``, paid once every ``frequency``
-    steps. Step: the factor products ``g gᵀ``, ``gᵀ g`` and the preconditioning ``L G R``, about
-    ``4 m n (m + n)``.
-    """
-    m, n = block
-    refresh = sum(solver_matmuls * 2.0 * s**3 for s in sides) / frequency
-    return refresh + 4.0 * m * n * (m + n)
+def block_cost(sides: list[int], frequency: int, solver_matmuls: int) -> float:
+    """Estimated flops per step of the root refreshes of one block: ``solver_matmuls · 2 s³`` per
+    factor of size ``s``, paid once every ``frequency`` steps (the per-step work is done by every
+    rank, so it does not count in the sharing)."""
+    return sum(solver_matmuls * 2.0 * s**3 for s in sides) / frequency
 
 
 def split_costs(costs: list[float], parts: int) -> list[int]:
@@ -162,8 +154,8 @@ def all_finite(group: Any, local: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def all_gather_updates(group: Any, send: torch.Tensor) -> torch.Tensor:
-    """All ranks' equally sized flat update buffers, concatenated in rank order (one collective)."""
+def all_gather_flat(group: Any, send: torch.Tensor) -> torch.Tensor:
+    """All ranks' equally sized flat buffers, concatenated in rank order (one collective)."""
     _, size = world(group)
     received = send.new_empty(size * send.numel())
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -171,13 +163,11 @@ def all_gather_updates(group: Any, send: torch.Tensor) -> torch.Tensor:
     return received
 
 
-def gather_state(group: Any, local: dict[int, dict[str, Any]]) -> list[dict[int, dict[str, Any]]]:
-    """Every rank's per-parameter state (tensors moved to the CPU), in rank order."""
-    cpu = {
-        index: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
-        for index, entry in local.items()
-    }
-    return all_gather_object(group, cpu)
+def all_reduce_sum(group: Any, local: torch.Tensor) -> torch.Tensor:
+    """The sum of ``local`` (an int64 tensor) over the ranks, on ``local``'s device."""
+    total = local.to(_collective_device(group))
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(local.device)
 
 
 def _collective_device(group: Any) -> torch.device:
@@ -222,117 +212,77 @@ def group_kind(group: Any) -> str:
     return "default" if group is dist.group.WORLD else "custom"
 
 
-def keep_owned_rows(state: dict, region: int, count: int, first: int, owned: int) -> None:
-    """Cut a parameter's whole-region tensors (loaded or regathered) of region ``region`` (``count``
-    blocks) down to the ``owned`` rows from ``first`` that this rank owns (maybe none)."""
-    suffix = f".{region}"
-    for key, tensor in list(state.items()):
-        if not key.endswith(suffix):
-            continue
-        if owned == 0:
-            del state[key]
-        elif tensor.shape[0] == count and owned != count:
-            state[key] = tensor[first : first + owned].clone()
-
-
 #: State entries of a whole parameter (the others are region tensors, one row per block).
 PER_PARAMETER = ("step", "shape")
 
 
-def merge_states(group: Any, local: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Every rank's share of the per-parameter state ``local`` (by parameter index), joined in block
-    order: each region tensor is the concatenation of the ranks' rows (ranks own contiguous runs in
-    rank order); the step counters and shapes are the same everywhere."""
-    merged: dict[int, dict[str, Any]] = {}
-    for rank_state in gather_state(group, local):
-        for index, entry in rank_state.items():
-            target = merged.setdefault(index, {})
-            for key, value in entry.items():
-                if key in PER_PARAMETER or key not in target:
-                    target[key] = value
-                else:
-                    target[key] = torch.cat([target[key], value])
-    return dict(sorted(merged.items()))
-
-
-def _run_size(run: BlockRun) -> int:
-    return run.count * math.prod(run.block)
-
-
-class Exchange:
-    """The flat all-gather of update blocks: each rank packs its runs' updates in canonical order
-    into a buffer of the largest rank's size; every rank then applies every rank's part.
+class RootExchange:
+    """The all-gather of the roots refreshed at a step: each rank packs the roots it computed
+    (bank by bank, in row order) into a buffer of the largest rank's size, and every rank copies
+    every rank's roots into its banks, its own included, so that with ``bf16`` communication all
+    ranks hold the same rounded roots.
 
     Args:
-        stacks: this rank's stacks.
-        runs_by_rank: every rank's owned runs in canonical order.
-        rank: this rank.
-        dtype: dtype of the exchanged updates.
+        banks: the layout's banks (the same on every rank).
+        rank, world_size: this rank and the number of ranks.
+        dtype: dtype of the exchanged roots.
     """
 
-    def __init__(
-        self, stacks: list[Stack], runs_by_rank: list[list[BlockRun]], rank: int, dtype: torch.dtype
-    ) -> None:
-        self.runs_by_rank = runs_by_rank
-        self.sizes = [sum(_run_size(run) for run in runs) for runs in runs_by_rank]
-        self.width = max(self.sizes)
-        self.dtype = dtype
-        # Where each of this rank's owned runs starts in the send buffer.
-        offsets: dict[tuple[int, int, int], int] = {}
-        offset = 0
-        for run in runs_by_rank[rank]:
-            offsets[id(run.param), run.region, run.first] = offset
-            offset += _run_size(run)
-        self.placements = [
-            [
-                offsets[id(run.param), run.region, run.owned_first]
-                + (run.first - run.owned_first) * math.prod(stack.shape)
-                for run in stack.runs
-            ]
-            for stack in stacks
+    def __init__(self, banks: list[Bank], rank: int, world_size: int, dtype: torch.dtype) -> None:
+        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+        shares = [0] * world_size
+        for bank in banks:
+            for owner in bank.owners or []:
+                shares[owner] += bank.size * bank.size
+        self.element_size = torch.empty((), dtype=dtype).element_size()
+        # Bytes each rank receives in a step that refreshes every root.
+        self.bytes_per_refresh = max(shares) * world_size * self.element_size
+        self.bytes_received = 0
+
+    def run(self, group: Any, refreshed: list[tuple[Bank, Due]]) -> None:
+        """Exchange the roots of the ``refreshed`` ``(bank, due rows)`` of this step."""
+        sizes = [
+            sum(due.by_rank[r][1] * bank.size * bank.size for bank, due in refreshed)
+            for r in range(self.world_size)
         ]
-
-    @property
-    def bytes_per_step(self) -> int:
-        """Bytes each rank receives per step from the all-gather."""
-        return self.width * len(self.runs_by_rank) * torch.empty((), dtype=self.dtype).element_size()
-
-    def run(
-        self,
-        group: Any,
-        stacks: list[Stack],
-        updates: list[torch.Tensor],
-        targets: dict[torch.Tensor, torch.Tensor],
-        active: set[torch.Tensor],
-    ) -> None:
-        """Exchange the updates and subtract every rank's blocks from the active parameters."""
-        device = next(iter(targets.values())).device
-        send = torch.zeros(self.width, dtype=self.dtype, device=device)
-        for stack, update, places in zip(stacks, updates, self.placements):
-            for run, place in zip(stack.runs, places):
-                if run.param in active:
-                    piece = send[place : place + _run_size(run)].view(run.count, *stack.shape)
-                    piece.copy_(stack.of(run, update))
-        received = all_gather_updates(group, send)
-        for rank, runs in enumerate(self.runs_by_rank):
-            offset = rank * self.width
-            for run in runs:
-                size = _run_size(run)
-                if run.param in active:
-                    update = received[offset : offset + size].view(run.count, *run.block)
-                    run.subtract_from(targets[run.param], update)
-                offset += size
+        width = max(sizes, default=0)
+        if width == 0:
+            return
+        device = refreshed[0][0].roots.device
+        send = torch.zeros(width, dtype=self.dtype, device=device)
+        offset = 0
+        for bank, due in refreshed:
+            rows, count = due.by_rank[self.rank]
+            if count:
+                roots = select_rows(bank.roots, rows)
+                send[offset : offset + roots.numel()].copy_(roots.flatten())
+                offset += roots.numel()
+        received = all_gather_flat(group, send)
+        self.bytes_received += received.numel() * self.element_size
+        for r in range(self.world_size):
+            offset = r * width
+            for bank, due in refreshed:
+                rows, count = due.by_rank[r]
+                if count:
+                    size = count * bank.size * bank.size
+                    roots = received[offset : offset + size].view(count, bank.size, bank.size)
+                    write_rows(bank.roots, rows, roots.float())
+                    offset += size
 
 
 def sharing_stats(group: Any, layout: Layout | None) -> dict[str, Any]:
     """How the work is shared: world size, this rank, the cost imbalance ``max/mean`` over ranks,
-    the blocks this rank owns and the bytes it receives per step (the last three after the first
-    step has built ``layout``; ``None``, ``None``, 0 before)."""
+    the blocks whose roots this rank computes, the bytes it receives in a step that refreshes every
+    root and in all steps so far (the last four after the first step has built ``layout``; ``None``,
+    ``None``, 0, 0 before)."""
     rank, world_size = world(group)
+    ownership = layout.ownership if layout else None
+    exchange = layout.exchange if layout else None
     return {
         "world_size": world_size,
         "rank": rank,
-        "imbalance": layout.ownership.imbalance() if layout else None,
-        "owned_blocks": sum(stack.rows for stack in layout.stacks) if layout else None,
-        "bytes_per_step": layout.exchange.bytes_per_step if layout and layout.exchange else 0,
+        "imbalance": ownership.imbalance() if ownership else None,
+        "owned_blocks": ownership.bounds[rank + 1] - ownership.bounds[rank] if ownership else None,
+        "bytes_per_refresh": exchange.bytes_per_refresh if exchange else 0,
+        "bytes_received": exchange.bytes_received if exchange else 0,
     }

@@ -7,10 +7,11 @@ the parameters with a gradient now, the stacking mode, this rank and the world s
    order (groups, parameters, regions), marking the parameters that are used (have state or a
    gradient);
 2. ownership: each block's estimated cost, and the contiguous share of the canonical block
-   sequence each rank owns (:class:`dash_shampoo.distributed.Ownership`);
-3. stacks and banks: this rank's runs of blocks grouped by scope and block shape into stacks, and
-   each stack's factors appended, stack by stack, to the bank of their scope, size and root, so
-   every stack sees its factors as contiguous bank rows;
+   sequence whose roots each rank computes (:class:`dash_shampoo.distributed.Ownership`);
+3. stacks and banks: the runs of blocks grouped by scope and block shape into stacks, and each
+   stack's factors appended, stack by stack, to the bank of their scope, size and root, so every
+   stack sees its factors as contiguous bank rows; every rank holds every block (the state is
+   replicated, as DDP replicates AdamW's), and each bank row knows the rank that refreshes it;
 4. bind: every stack and bank buffer allocated or viewed from the per-parameter state tensors.
 
 A parameter without a gradient yet still counts in the ownership (so ownership stays the same
@@ -223,16 +224,14 @@ def check_state(
 def plan_ownership(
     groups: Sequence[dict[str, Any]], regions: Regions, world_size: int
 ) -> distributed.Ownership:
-    """Cut the canonical block sequence into ``world_size`` contiguous shares of nearly equal cost."""
+    """Cut the canonical block sequence into ``world_size`` contiguous shares of nearly equal root
+    refresh cost."""
     costs = []
     for entry in regions.entries:
         group = groups[entry.group_index]
         sides = [size for _, size in entry.sides]
         cost = distributed.block_cost(
-            entry.blocking.regions[entry.region].block,
-            sides,
-            group["precondition_frequency"],
-            solver_matmuls(group, matrix_root(group, len(sides))),
+            sides, group["precondition_frequency"], solver_matmuls(group, matrix_root(group, len(sides)))
         )
         costs.extend([cost] * entry.count)
     return distributed.Ownership(distributed.split_costs(costs, world_size), costs)
@@ -255,12 +254,12 @@ class Layout:
     """The stacks and banks of all used parameters, bound to the per-parameter state.
 
     Attributes:
-        stacks, banks: this rank's stacks and banks.
+        stacks, banks: the stacks and banks (every block, on every rank).
         params: the used parameters.
         root_options: the inverse-root options of each group.
-        ownership: which rank owns which blocks.
+        ownership: which rank computes the roots of which blocks.
         rank, world_size: this rank and the number of ranks.
-        exchange: the update exchange between ranks (None with one rank).
+        exchange: the exchange of refreshed roots between ranks (None with one rank).
         signature: the group options the layout was built for (:func:`signature`).
     """
 
@@ -271,7 +270,7 @@ class Layout:
     ownership: distributed.Ownership
     rank: int
     world_size: int
-    exchange: distributed.Exchange | None
+    exchange: distributed.RootExchange | None
     signature: tuple
 
     def covers(self, active: set[torch.Tensor]) -> bool:
@@ -280,16 +279,12 @@ class Layout:
 
     def apply(
         self,
-        process_group: Any,
         updates: list[torch.Tensor],
         targets: dict[torch.Tensor, torch.Tensor],
         active: set[torch.Tensor],
     ) -> None:
-        """Subtract the update blocks of every rank's stacks (``updates``: this rank's, one per stack)
-        from the active parameters (``targets``: their contiguous tensors)."""
-        if self.exchange is not None:
-            self.exchange.run(process_group, self.stacks, updates, targets, active)
-            return
+        """Subtract the update blocks (``updates``: one per stack) from the active parameters
+        (``targets``: their contiguous tensors)."""
         for stack, update in zip(self.stacks, updates):
             for run in stack.runs:
                 if run.param in active:
@@ -332,20 +327,24 @@ def build(
     *,
     exchange_dtype: torch.dtype = torch.float32,
 ) -> Layout:
-    """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, this rank's stacks
-    and banks, and their buffers bound to ``state`` (which gains a ``step`` counter and the
-    ``shape`` it was made for, for every used parameter, and loses the rows of loaded or regathered
-    tensors that another rank owns). With several ranks the updates are exchanged in
-    ``exchange_dtype``."""
+    """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, the stacks and
+    banks, and their buffers bound to ``state`` (which gains a ``step`` counter and the ``shape`` it
+    was made for, for every used parameter). With several ranks the refreshed roots are exchanged
+    in ``exchange_dtype``."""
     ownership = plan_ownership(groups, regions, world_size)
-    stacks, ordinals, runs_by_rank = _plan_stacks(regions, ownership, state, stacking, rank, world_size)
+    stacks, ordinals, blocks = _plan_stacks(regions, stacking)
     banks = _plan_banks(groups, stacks, ordinals, stacking)
     for p in regions.params:
         entry = state.setdefault(p, {})
         entry.setdefault("step", torch.zeros((), dtype=torch.int64))
         entry.setdefault("shape", torch.tensor(p.shape, dtype=torch.int64))
     _bind(groups, state, stacks, banks)
-    exchange = distributed.Exchange(stacks, runs_by_rank, rank, exchange_dtype) if world_size > 1 else None
+    exchange = None
+    if world_size > 1:
+        for bank in banks:
+            bank.owners = [ownership.owner_of(b) for e in bank.entries for b in blocks[id(e.run)]]
+            bank.rank, bank.world_size = rank, world_size
+        exchange = distributed.RootExchange(banks, rank, world_size, exchange_dtype)
     options = [root_options(group) for group in groups]
     return Layout(
         stacks, banks, regions.params, options, ownership, rank, world_size, exchange, signature(groups)
@@ -384,51 +383,35 @@ def _scope(stacking: str, group: int, param: int, region: int, first: int) -> tu
 
 
 def _plan_stacks(
-    regions: Regions,
-    ownership: distributed.Ownership,
-    state: dict[torch.Tensor, dict],
-    stacking: str,
-    rank: int,
-    world_size: int,
-) -> tuple[list[Stack], dict[tuple[int, str], range], list[list[BlockRun]]]:
-    """This rank's runs of blocks, grouped into stacks by scope, device and block shape.
+    regions: Regions, stacking: str
+) -> tuple[list[Stack], dict[tuple[int, str], range], dict[int, range]]:
+    """The runs of blocks of the used parameters, grouped into stacks by scope, device and shape.
 
     Returns the stacks, each run's factor ordinals per side (``(id(run), side) -> range``: the
-    factor's position in the stacking-independent sequence, used for staggering), and every rank's
-    owned runs in canonical order.
+    factor's position in the stacking-independent sequence, used for staggering), and each run's
+    blocks in the canonical block sequence (``id(run) -> range``, for the ownership).
     """
     stacks: dict[tuple, Stack] = {}
     ordinals: dict[tuple[int, str], range] = {}
-    runs_by_rank: list[list[BlockRun]] = [[] for _ in range(world_size)]
+    blocks: dict[int, range] = {}
     next_block = next_ordinal = 0
     for entry in regions.entries:
         count, p = entry.count, entry.param
-        chunks = ownership.chunks(next_block, count) if entry.used else []
-        if entry.used:
-            mine = [(first, owned) for owner, first, owned in chunks if owner == rank]
-            distributed.keep_owned_rows(
-                state.setdefault(p, {}), entry.region, count, *(mine[0] if mine else (0, 0))
-            )
-        for owner, owned_first, owned_count in chunks:
-            runs_by_rank[owner].append(BlockRun(p, entry.blocking, entry.region, owned_first, owned_count))
-            if owner != rank:
-                continue
-            per_block = stacking == "none"
-            pieces = [(k, 1) for k in range(owned_count)] if per_block else [(0, owned_count)]
-            for offset, run_count in pieces:
-                first = owned_first + offset
-                run = BlockRun(p, entry.blocking, entry.region, first, run_count, owned_first, owned_count)
-                scope = _scope(stacking, entry.group_index, entry.param_index, entry.region, first)
-                key = (scope, p.device, run.block)
-                if key not in stacks:
-                    stacks[key] = Stack(run.block, entry.group_index, scope)
-                stacks[key].add(run)
-                for s_index, (side, _) in enumerate(entry.sides):
-                    start = next_ordinal + s_index * count + first
-                    ordinals[id(run), side] = range(start, start + run_count)
+        pieces = [(k, 1) for k in range(count)] if stacking == "none" else [(0, count)]
+        for first, run_count in pieces if entry.used else []:
+            run = BlockRun(p, entry.blocking, entry.region, first, run_count)
+            scope = _scope(stacking, entry.group_index, entry.param_index, entry.region, first)
+            key = (scope, p.device, run.block)
+            if key not in stacks:
+                stacks[key] = Stack(run.block, entry.group_index, scope)
+            stacks[key].add(run)
+            blocks[id(run)] = range(next_block + first, next_block + first + run_count)
+            for s_index, (side, _) in enumerate(entry.sides):
+                start = next_ordinal + s_index * count + first
+                ordinals[id(run), side] = range(start, start + run_count)
         next_block += count
         next_ordinal += len(entry.sides) * count
-    return list(stacks.values()), ordinals, runs_by_rank
+    return list(stacks.values()), ordinals, blocks
 
 
 def _plan_banks(
@@ -460,10 +443,9 @@ def _bind(
     """Allocate (or view) every stack and bank buffer from the per-parameter region tensors."""
 
     def entry(run: BlockRun, kind: str, make: Callable[..., torch.Tensor], shape: tuple[int, int]) -> tuple:
-        # The run's rows of its region tensor, which is created with the rows of every owned block.
-        full, device = (run.owned_count, *shape), run.param.device
-        first = run.first - run.owned_first
-        return state[run.param], f"{kind}.{run.region}", first, run.count, lambda: make(full, device)
+        # The run's rows of its region tensor, which is created with the rows of every block.
+        full, device = (run.blocking.regions[run.region].count, *shape), run.param.device
+        return state[run.param], f"{kind}.{run.region}", run.first, run.count, lambda: make(full, device)
 
     for bank in banks:
         square = (bank.size, bank.size)

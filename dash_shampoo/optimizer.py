@@ -27,7 +27,7 @@ from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
 from .linalg.roots import EigenFix, Method, matrices_per_chunk
 from .linalg.scaling import Scaling, hashed_start_vectors
-from .options import GroupChecks, OneDim, check_group, loaded_groups
+from .options import GroupChecks, OneDim, check_group, check_params, loaded_groups
 from .preconditioner import (
     Grafting,
     accept_roots,
@@ -36,7 +36,7 @@ from .preconditioner import (
     row_values,
     update_direction,
 )
-from .stacks import Bank, Stack
+from .stacks import Bank, Due, Stack, select_rows, write_rows
 
 Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
@@ -136,12 +136,12 @@ class DASH(Optimizer):
         nonfinite: on a non-finite gradient, ``"skip"`` the step (counted in
             :attr:`skipped_steps`) or ``"raise"`` ``FloatingPointError``.
         seed: seed of the power-iteration start vectors (the global RNG is never used).
-        process_group: the processes that share the preconditioner work (default: the default
-            group when ``torch.distributed`` is initialised); each computes its share of the blocks
-            and the updates are all-gathered (:mod:`dash_shampoo.distributed`). All must hold the
-            same gradients (DDP); call :meth:`state_dict` on all of them: it gathers. ``False``: no
-            distribution (each process computes every block, as alone).
-        communication: dtype of the exchanged updates, ``"fp32"`` or ``"bf16"``.
+        process_group: the processes that share the root refreshes (default: the default group
+            when ``torch.distributed`` is initialised). All must hold the same gradients (DDP) and
+            keep the whole state; each refreshes the roots of its share of the blocks and the new
+            roots are all-gathered (:mod:`dash_shampoo.distributed`), so :meth:`state_dict` on any
+            one rank is complete. ``False``: no sharing (each process refreshes every root).
+        communication: dtype of the exchanged roots, ``"fp32"`` or ``"bf16"``.
 
     A root refresh that fails, is not finite or has an entry above ``100·r^(-1/p)``, with ``r`` the
     factor's ridge (an exact root is below ``r^(-1/p)``; a diverged low-precision iteration can be
@@ -239,13 +239,7 @@ class DASH(Optimizer):
         group = self.param_groups[-1]
         try:
             check_group(group)
-            for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(
-                        f"DASH does not support complex parameters; got a parameter of dtype {p.dtype}"
-                    )
-                if not p.is_floating_point():
-                    raise TypeError(f"DASH needs floating-point parameters; got dtype {p.dtype}")
+            check_params(group["params"])
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -307,14 +301,9 @@ class DASH(Optimizer):
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, per parameter and independent of stacking mode and world size.
-
-        When the work is shared between processes all of them must call it (it gathers each one's
-        blocks); each gets the full state, which loads into any number of processes.
-        """
+        """The optimizer state, per parameter and independent of stacking mode and world size; every
+        rank holds all of it, so one rank may call this alone (no collective)."""
         local = super().state_dict()
-        if distributed.world(self._process_group)[1] > 1:
-            local["state"] = distributed.merge_states(self._process_group, local["state"])
         # The counters travel in every group (param_groups survive torch.distributed.checkpoint).
         counters = {key: getattr(self, key) for key in COUNTERS}
         for group in local["param_groups"]:
@@ -399,14 +388,18 @@ class DASH(Optimizer):
                 saved += kept
                 overflowing.append((stack, rows[broken]))
                 self.skipped_blocks += int(broken.sum())
-        for bank in plan.banks:
-            self._refresh(bank, plan.root_options[bank.group_index])
+        refreshed = [(bank, *self._refresh(bank, plan.root_options[bank.group_index])) for bank in plan.banks]
+        due = [(bank, rows) for bank, rows, _ in refreshed if rows is not None]
+        if due:  # the same in every process
+            self._count_failures([f for _, _, f in refreshed if f is not None], due[0][0].factors.device)
+            if plan.exchange is not None:
+                plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
         targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
         updates = [self._direction(stack) for stack in plan.stacks]
         for stack, rows in overflowing:
             updates[plan.stacks.index(stack)].index_fill_(0, rows, 0.0)
-        plan.apply(self._process_group, updates, targets, active)
+        plan.apply(updates, targets, active)
         for p, target in targets.items():
             if target is not p:
                 p.copy_(target)
@@ -415,10 +408,6 @@ class DASH(Optimizer):
 
     def _build_layout(self, active: set[torch.Tensor]) -> Layout:
         """A new layout for the parameters used now (the shares are re-planned from the full state)."""
-        if self._layout is not None and self._layout.exchange is not None:
-            params = [p for group in self.param_groups for p in group["params"]]
-            local = {i: self.state[p] for i, p in enumerate(params) if p in self.state}
-            self._restore_state(distributed.merge_states(self._process_group, local))
         regions = layout.collect_regions(self.param_groups, self.state, active)
         distributed.check_same_everywhere(self._process_group, regions.fingerprint)
         return layout.build(
@@ -479,23 +468,20 @@ class DASH(Optimizer):
         if beta1 > 0:
             stack.tensors["grad_ema"].lerp_(g, 1 - beta1)
 
-    def _refresh(self, bank: Bank, options: RootOptions) -> None:
-        """Refresh the roots of the bank's due rows; keep the old root of each one not accepted."""
+    def _refresh(self, bank: Bank, options: RootOptions) -> tuple[Due | None, torch.Tensor | None]:
+        """Refresh the roots of the bank's due rows this process computes, keeping the old root of each
+        one refused. Returns the due rows and the number refused (a 0-d tensor)."""
         group = self.param_groups[bank.group_index]
         steps = self._steps(entry.run for entry in bank.entries)
         start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
-        rows = bank.due_rows(steps, start, frequency, group["stagger"])
+        due = bank.due_rows(steps, start, frequency, group["stagger"])
+        if due is None:
+            return None, None
+        self._failure_counts(bank.factors.device)[1] += bank.reset_broken(due.rows)
+        rows = due.mine
         if rows is None:
-            return
-        every = isinstance(rows, str)
-        device = bank.factors.device
-        factors = bank.factors if every else bank.factors.index_select(0, rows)
-        old = bank.roots if every else bank.roots.index_select(0, rows)
-        # A factor that is no longer finite (a sum of many huge gradients) is reset to zero.
-        broken = ~torch.isfinite(factors).flatten(1).all(dim=1)
-        factors.masked_fill_(broken[:, None, None], 0.0)  # in the bank, or in the selected copy
-        if not every:
-            bank.factors.index_copy_(0, rows, factors)
+            return due, None
+        factors, old = select_rows(bank.factors, rows), select_rows(bank.roots, rows)
         start = None
         if options.method != "eigh" and options.scaling in ("power", "power_multi"):
             # Power iteration starts from vectors that depend on the factor and its step alone, so
@@ -508,12 +494,22 @@ class DASH(Optimizer):
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
         new, ok, zero = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root)
-        if every:
-            bank.roots.copy_(new)
-        else:
-            bank.roots.index_copy_(0, rows, new)
-        counts = self._failures.setdefault(device, torch.zeros(2, dtype=torch.int64, device=device))
-        counts += torch.stack([(~(ok | zero)).sum(), broken.sum()])
+        write_rows(bank.roots, rows, new)
+        return due, (~(ok | zero)).sum()
+
+    def _failure_counts(self, device: torch.device) -> torch.Tensor:
+        """This device's ``[root_failures, factor_resets]`` counts (int64, on the device)."""
+        return self._failures.setdefault(device, torch.zeros(2, dtype=torch.int64, device=device))
+
+    def _count_failures(self, failed: list[torch.Tensor], device: torch.device) -> None:
+        """Add the roots this step refused (per bank refreshed here) to :attr:`root_failures`; with
+        several processes all of theirs (one small all-reduce), so the counters agree everywhere."""
+        total = torch.zeros((), dtype=torch.int64, device=device)
+        for count in failed:
+            total += count.to(device)
+        if self._layout.exchange is not None:
+            total = distributed.all_reduce_sum(self._process_group, total)
+        self._failure_counts(device)[0] += total
 
     def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
         for group in self.param_groups:

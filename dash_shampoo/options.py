@@ -107,6 +107,30 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 _DEPENDENTS = {"root_method": ("matrix_root",)}
 
 
+def check_params(params: list[torch.Tensor]) -> None:
+    """Raise ``TypeError`` for a parameter DASH cannot step: complex, not floating-point, or a
+    DTensor (FSDP2 ``fully_shard`` or tensor parallelism: not supported yet)."""
+    for index, p in enumerate(params):
+        if p.is_complex():
+            raise TypeError(f"DASH does not support complex parameters; got a parameter of dtype {p.dtype}")
+        if not p.is_floating_point():
+            raise TypeError(f"DASH needs floating-point parameters; got dtype {p.dtype}")
+        if _is_dtensor(p):
+            raise TypeError(
+                f"parameter {index} of the group is a DTensor (placements "
+                f"{getattr(p, 'placements', '?')}): DASH does not support FSDP2 or tensor-parallel "
+                "parameters yet; use DDP, or one process"
+            )
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
 def check_group(group: dict[str, Any]) -> None:
     """Check every option of a parameter group (constructor defaults or a group override)."""
     for check in CHECKS.values():

@@ -21,25 +21,15 @@ from .preconditioner import due_rows
 
 @dataclass
 class BlockRun:
-    """Blocks ``[first, first + count)`` of region ``region`` of parameter ``param``.
-
-    The run's state rows live in the region tensors of the blocks this rank owns,
-    ``[owned_first, owned_first + owned_count)`` (the whole region without distribution). ``row``
-    is the run's first row in its stack (set by :meth:`Stack.add`).
-    """
+    """Blocks ``[first, first + count)`` of region ``region`` of parameter ``param``; ``row`` is the
+    run's first row in its stack (set by :meth:`Stack.add`)."""
 
     param: torch.Tensor
     blocking: Blocking
     region: int
     first: int
     count: int
-    owned_first: int = 0
-    owned_count: int = -1
     row: int = 0
-
-    def __post_init__(self) -> None:
-        if self.owned_count < 0:
-            self.owned_count = self.blocking.regions[self.region].count
 
     @property
     def block(self) -> tuple[int, int]:
@@ -160,6 +150,22 @@ class BankRow:
     row: int
 
 
+@dataclass(frozen=True)
+class Due:
+    """The rows of a bank whose roots are refreshed at a step.
+
+    Attributes:
+        rows: every due row (``"all"`` or an index tensor): their factors are checked on every rank.
+        mine: the due rows whose roots this rank computes (``None``: none of them).
+        by_rank: with several ranks, each rank's due rows (``"all"``, an index tensor or ``None``)
+            and their number, for the exchange of the refreshed roots; ``None`` with one rank.
+    """
+
+    rows: torch.Tensor | str
+    mine: torch.Tensor | str | None
+    by_rank: list[tuple[torch.Tensor | str | None, int]] | None = None
+
+
 @dataclass
 class Bank:
     """Factors of one size ``s`` and root ``p`` in one scope, and their inverse roots.
@@ -177,7 +183,11 @@ class Bank:
     roots: torch.Tensor | None = None
     # Per row: the factor's ordinal in the whole layout (stacking-independent; for staggering).
     ordinals: list[int] = field(default_factory=list)
-    _due: dict[tuple[int, ...], torch.Tensor | str | None] = field(default_factory=dict)
+    # With several ranks: per row, the rank that computes its root; this rank; the number of ranks.
+    owners: list[int] | None = None
+    rank: int = 0
+    world_size: int = 1
+    _due: dict[tuple[int, ...], Due | None] = field(default_factory=dict)
     _keys: torch.Tensor | None = None
 
     def add(self, run: BlockRun, side: str, ordinals: range) -> int:
@@ -207,11 +217,9 @@ class Bank:
         for entry in self.entries:
             yield entry.run, range(entry.row, entry.row + entry.run.count)
 
-    def due_rows(
-        self, steps: list[int], start: int, frequency: int, stagger: bool
-    ) -> torch.Tensor | str | None:
+    def due_rows(self, steps: list[int], start: int, frequency: int, stagger: bool) -> Due | None:
         """The rows whose roots are refreshed when the entries' parameters are at ``steps`` (one per
-        entry; :func:`~dash_shampoo.preconditioner.due_rows`): ``"all"``, an index tensor or None.
+        entry; :func:`~dash_shampoo.preconditioner.due_rows`), or None when there are none.
 
         The answer depends on each step only through ``(t if t <= start else t mod frequency)``,
         so it is computed once per pattern and cached.
@@ -222,11 +230,46 @@ class Bank:
             rows = due_rows(per_row, self.ordinals, start, frequency, stagger)
             if not rows:
                 self._due[key] = None
-            elif len(rows) == self.rows:
-                self._due[key] = "all"
+            elif self.owners is None:
+                self._due[key] = Due(self._index(rows), self._index(rows))
             else:
-                self._due[key] = torch.tensor(rows, device=self.factors.device)
+                shares: list[list[int]] = [[] for _ in range(self.world_size)]
+                for row in rows:
+                    shares[self.owners[row]].append(row)
+                by_rank = [(self._index(share), len(share)) for share in shares]
+                self._due[key] = Due(self._index(rows), by_rank[self.rank][0], by_rank)
         return self._due[key]
+
+    def reset_broken(self, rows: torch.Tensor | str) -> torch.Tensor:
+        """Reset to zero the factors of ``rows`` that are no longer finite (a sum of many huge
+        gradients); returns how many (a 0-d tensor)."""
+        factors = select_rows(self.factors, rows)
+        broken = ~torch.isfinite(factors).flatten(1).all(dim=1)
+        write_rows(self.factors, rows, factors.masked_fill_(broken[:, None, None], 0.0))
+        return broken.sum()
+
+    def _index(self, rows: list[int]) -> torch.Tensor | str | None:
+        if not rows:
+            return None
+        if len(rows) == self.rows:
+            return "all"
+        return torch.tensor(rows, device=self.factors.device)
+
+
+def select_rows(tensor: torch.Tensor, rows: torch.Tensor | str) -> torch.Tensor:
+    """``tensor`` itself for ``"all"`` rows, else a copy of the ``rows`` (an index tensor)."""
+    return tensor if isinstance(rows, str) else tensor.index_select(0, rows)
+
+
+def write_rows(tensor: torch.Tensor, rows: torch.Tensor | str, values: torch.Tensor) -> None:
+    """Write ``values`` into the ``rows`` of ``tensor`` (all of it for ``"all"``; a no-op when
+    ``values`` is ``tensor`` itself)."""
+    if values is tensor:
+        return
+    if isinstance(rows, str):
+        tensor.copy_(values)
+    else:
+        tensor.index_copy_(0, rows, values)
 
 
 def bind(entries: list[tuple[dict, str, int, int, Callable[[], torch.Tensor]]]) -> torch.Tensor:

@@ -85,7 +85,7 @@ def scenario_train(rank: int, world: int, out_dir: str) -> dict:
             copy.deepcopy(local).distribution_stats()["world_size"],
         ],
         "imbalance": plan.ownership.imbalance(),
-        "bytes": plan.exchange.bytes_per_step,
+        "bytes": plan.exchange.bytes_per_refresh,
         "stats": optimizer.distribution_stats(),
     }
 
@@ -104,17 +104,16 @@ def scenario_tiny(rank: int, world: int, out_dir: str) -> dict:
             loss = loss + (model.v**2).sum()
         loss.backward()
         optimizer.step()
-    owned = sum(stack.rows for stack in optimizer._layout.stacks)
-    return {"params": flat(model), "owned": owned}
+    return {"params": flat(model), "owned": optimizer.distribution_stats()["owned_blocks"]}
 
 
 def scenario_save(rank: int, world: int, out_dir: str) -> dict:
     model = mixed_model()
     optimizer = DASH(model.parameters(), **OPTIONS)
     train(model, optimizer, range(1, 4))
-    state = optimizer.state_dict()
-    if rank == 0:
-        torch.save({"model": model.state_dict(), "optimizer": state}, os.path.join(out_dir, "checkpoint.pt"))
+    if rank == 0:  # rank 0 alone, as nanoGPT, the HF Trainer and Lightning save: no collective
+        checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        torch.save(checkpoint, os.path.join(out_dir, "checkpoint.pt"))
     return {"params": flat(model)}
 
 

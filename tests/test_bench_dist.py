@@ -10,6 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from dash_shampoo.bench.shapes import shape_set
+from dash_shampoo.blocking import Blocking
 from dash_shampoo.cli import main
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -47,7 +48,7 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
         assert (stats["world_size"], stats["rank"]) == ((row["world"], row["rank"]) if shared else (1, 0))
         assert row["state_mib"] > 0
         if row["config"] == "replicated":
-            assert stats["bytes_per_step"] == 0
+            assert stats["bytes_per_refresh"] == 0
             assert row["max_abs_diff_vs_replicated"] == 0.0
             total[row["world"], row["frequency"]] = stats["owned_blocks"]
     # Shared: the ranks' blocks partition the model's blocks.
@@ -58,13 +59,18 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
             owned[key] = owned.get(key, 0) + row["stats"]["owned_blocks"]
     for (world, frequency, _), count in owned.items():
         assert count == total[world, frequency]
-    numel = shape_set(report["model"]["name"]).numel
+    blockings = [
+        Blocking.build(s, report["block_size"], "shampoo")
+        for _, s in shape_set(report["model"]["name"]).shapes
+    ]
+    factor_elements = sum(r.count * n * n for b in blockings for r in b.regions for _, n in b.sides(r))
     for summary in report["summaries"]:
         assert summary["ranks_equal"]
         if summary["world"] == 2 and summary["config"] != "replicated":
-            # All-gather of every parameter's update; padding to the largest share is small.
+            # All-gather of every refreshed root; padding to the largest share is small.
             size = 4 if summary["config"] == "shared-fp32" else 2
-            assert numel * size <= summary["bytes_per_step"] < 1.1 * numel * size
+            assert factor_elements * size <= summary["bytes_per_refresh"] < 1.2 * factor_elements * size
+            assert summary["bytes_per_step"] == summary["bytes_per_refresh"] / summary["frequency"]
             assert summary["imbalance"] < 1.5
     markdown = (tmp_path / "dist-cpu.md").read_text()
     assert "| W | F | config | rank |" in markdown

@@ -1,10 +1,12 @@
 """DASH over real torch.distributed process groups (gloo on CPU, 2 and 3 processes).
 
-Ranks agree bitwise with each other: every rank applies the same gathered fp32 updates in the same
-order. Against a single process the tolerance is 1e-6 absolute on parameters of size ~0.1 (a few
-float32 ulps): each block's update is computed by the same formulas, but a rank batches a
-different set of blocks, and the CPU's batched matmul/eigh kernels may round the last bit of a
-block differently depending on the batch it sits in (measured: at most 1.2e-7 after 6 steps).
+Ranks agree bitwise with each other: every rank holds the whole state, computes every block's
+update from the same all-gathered roots, in the same order. With the iterative solvers a root does
+not depend on the batch it is computed in, so ranks also match one process bitwise
+(test_default_options_give_one_process_results_at_any_world_size). With eigh the tolerance
+against a single process is 1e-6 absolute on parameters of size ~0.1 (a few float32 ulps): a rank
+refreshes a different set of roots in one batch, and the CPU's batched eigh may round the last bit
+of a root differently depending on its batch (measured: at most 1.2e-7 after 6 steps).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def single_process(steps: range, model=None, optimizer=None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist2"))
-    return launch(2, ["train", "tiny", "save", "mismatch", "layouts"], out), out
+    return launch(2, ["train", "tiny", "save", "resume", "mismatch", "layouts"], out), out
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,8 @@ def test_ranks_agree_and_match_single_process(ranks, request):
         assert result["imbalance"] < 2.0
         stats = result["stats"]
         assert stats["world_size"] == len(results)
-        assert stats["bytes_per_step"] == result["bytes"] > 0
+        assert stats["bytes_per_refresh"] == result["bytes"] > 0
+        assert stats["bytes_received"] > 0
         # Opting out and copies: a copy keeps the kind of group (default or none).
         assert result["local_stats"]["world_size"] == 1
         # Same work as the parent process, but its thread count may differ (bitwise not promised).
@@ -152,6 +155,13 @@ def test_checkpoint_saved_at_two_ranks_resumes_at_one(two_ranks):
     assert_close_to_single(resumed, single_process(range(1, 7)))
 
 
+def test_checkpoint_saved_by_rank_0_alone_resumes_bitwise_at_two(two_ranks):
+    """state_dict() on rank 0 alone (no collective: every rank holds the whole state) saves a
+    checkpoint from which 2 ranks continue bitwise as if never stopped."""
+    for resumed, uninterrupted in zip(two_ranks[0]["resume"], two_ranks[0]["train"]):
+        assert torch.equal(resumed["params"], uninterrupted["params"])
+
+
 def test_checkpoint_saved_at_two_ranks_resumes_at_three(three_ranks):
     expected = single_process(range(1, 7))
     results = three_ranks[0]["resume"]
@@ -194,7 +204,7 @@ param = torch.nn.Parameter(torch.ones(4, 3))
 optimizer = DASH([param], lr=0.1, block_size=8, root_method="eigh")
 param.grad = torch.full_like(param, 0.5)
 optimizer.step()  # the plan checks every rank's parameters with an object gather
-state = optimizer.state_dict()  # and gathers every rank's state
+state = optimizer.state_dict()  # local: every rank holds the whole state
 print("keys", sorted(state["state"][0]))
 dist.destroy_process_group()
 """
@@ -209,3 +219,29 @@ def test_object_gathers_work_without_numpy(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "keys ['grad_ema.0', 'left.0', 'left_root.0'," in done.stdout, done.stdout
+
+
+DTENSOR_SCRIPT = """
+import os, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from dash_shampoo import DASH
+init = "file://" + os.path.join(tempfile.mkdtemp(), "init")
+dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+param = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+try:
+    DASH([param], lr=0.1)
+except TypeError as error:
+    print(error)
+dist.destroy_process_group()
+"""
+
+
+def test_dtensor_parameters_are_refused_by_name():
+    result = subprocess.run(
+        [sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "parameter 0 of the group is a DTensor (placements (Shard(dim=0),))" in result.stdout
+    assert "does not support FSDP2 or tensor-parallel parameters yet" in result.stdout

@@ -101,21 +101,22 @@ def test_factor_ordinals_do_not_depend_on_stacking():
     assert ordinals["global"] == ordinals["layer"] == ordinals["none"] == list(range(len(ordinals["global"])))
 
 
-def test_ranks_share_every_block_once_and_agree_on_the_runs():
+def test_every_rank_holds_every_block_and_each_root_has_one_owner():
     groups = _groups()
+    single, _ = _build(groups, "global")
     layouts = [_build(groups, "global", rank=rank, world_size=3)[0] for rank in range(3)]
-    owned = [sum(stack.rows for stack in plan.stacks) for plan in layouts]
     total = sum(Blocking.build(p.shape, 4, "shampoo").num_blocks for p in groups[0]["params"])
-    assert sum(owned) == total and all(owned)
-
-    def described(plan):
-        return [
-            [(id(r.param), r.region, r.first, r.count) for r in runs] for runs in plan.exchange.runs_by_rank
-        ]
-
-    assert all(described(plan) == described(layouts[0]) for plan in layouts)  # all know all runs, in order
-    for rank, plan in enumerate(layouts):
-        assert sum(run.count for run in plan.exchange.runs_by_rank[rank]) == owned[rank]
+    for plan in layouts:
+        assert sum(stack.rows for stack in plan.stacks) == total  # the state is replicated
+        assert [bank.rows for bank in plan.banks] == [bank.rows for bank in single.banks]
+    owners = [bank.owners for bank in layouts[0].banks]
+    assert all([bank.owners for bank in plan.banks] == owners for plan in layouts)  # all agree
+    assert {owner for rows in owners for owner in rows} == {0, 1, 2}
+    # A block's factors (left and right) are refreshed by the rank that owns the block.
+    for stack in layouts[0].stacks:
+        sides = [loc for loc in (stack.left, stack.right) if loc is not None]
+        per_side = [bank.owners[first : first + stack.rows] for bank, first in sides]
+        assert all(rows == per_side[0] for rows in per_side)
 
 
 def test_unused_parameters_count_in_the_ownership_but_get_no_rows():

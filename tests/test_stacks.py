@@ -100,12 +100,31 @@ def test_bank_due_rows_per_entry_step_and_cache():
     bank.add(first, "left", range(0, 2))
     bank.add(second, "left", range(2, 3))
     bank.factors = torch.zeros(3, 4, 4)
-    assert bank.due_rows([1, 1], start=1, frequency=3, stagger=False) == "all"
+    assert bank.due_rows([1, 1], start=1, frequency=3, stagger=False).rows == "all"
     assert bank.due_rows([2, 2], start=1, frequency=3, stagger=False) is None
-    assert bank.due_rows([3, 1], start=1, frequency=3, stagger=False) == "all"  # a multiple, the start
-    assert bank.due_rows([3, 2], start=1, frequency=3, stagger=False).tolist() == [0, 1]
+    assert bank.due_rows([3, 1], start=1, frequency=3, stagger=False).rows == "all"  # a multiple, the start
+    due = bank.due_rows([3, 2], start=1, frequency=3, stagger=False)
+    assert due.rows.tolist() == due.mine.tolist() == [0, 1] and due.by_rank is None
     # Staggered: ordinal k is refreshed when t mod 3 == k mod 3 (after the start step).
-    assert bank.due_rows([4, 4], start=1, frequency=3, stagger=True).tolist() == [1]
-    assert bank.due_rows([7, 7], start=1, frequency=3, stagger=True).tolist() == [1]  # same phase: cached
+    assert bank.due_rows([4, 4], start=1, frequency=3, stagger=True).rows.tolist() == [1]
+    assert bank.due_rows([7, 7], start=1, frequency=3, stagger=True).rows.tolist() == [
+        1
+    ]  # same phase: cached
     assert len(bank._due) == 5
     assert [list(rows) for _, rows in bank.rows_by_run()] == [[0, 1], [2]]
+
+
+def test_bank_due_rows_split_by_owner():
+    bank = Bank(4, 4, 0, owners=[0, 1, 1], rank=1, world_size=3)
+    bank.add(_run((8, 4), 4, 0), "left", range(0, 2))
+    bank.add(_run((4, 4), 4, 0), "left", range(2, 3))
+    bank.factors = torch.zeros(3, 4, 4)
+    due = bank.due_rows([1, 1], start=1, frequency=3, stagger=False)
+    assert due.rows == "all" and due.mine.tolist() == [1, 2]
+    assert [(None if r is None else r.tolist(), n) for r, n in due.by_rank] == [
+        ([0], 1),
+        ([1, 2], 2),
+        (None, 0),
+    ]
+    due = bank.due_rows([3, 2], start=1, frequency=3, stagger=False)  # rows 0 and 1 only
+    assert due.rows.tolist() == [0, 1] and due.mine.tolist() == [1]

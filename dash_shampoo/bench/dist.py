@@ -7,8 +7,9 @@ rows). Every rank builds the same parameters (a shape set of :mod:`dash_shampoo.
 with the same seeded random gradients, as DDP would leave them after its all-reduce, and times
 ``optimizer.step()`` of three configurations of the same DASH:
 
-- ``shared-fp32``: the default process group, so each rank refreshes and applies its share of the
-  blocks and the updates are all-gathered in float32;
+- ``shared-fp32``: the default process group, so each rank refreshes the roots of its share of the
+  blocks and the refreshed roots are all-gathered in float32 (every rank keeps the whole state and
+  computes every update);
 - ``shared-bf16``: the same with ``communication="bf16"`` (skipped at one process, where nothing is
   exchanged);
 - ``replicated``: every rank does all the work, as without distribution
@@ -24,8 +25,8 @@ other steps and ``refresh_repeats`` refresh steps are in; the per-step figure is
 ``(refresh + (F − 1)·other) / F`` of the medians (for ``F = 1`` the median of all steps). These
 settings, the model, block size, world sizes and root solver come from a preset (:data:`PRESETS`);
 options given on the command line replace the preset's values.
-The *job* step time is the slowest rank at each step (the exchange makes every rank wait for the
-slowest). After the timed steps every rank computes a checksum of its parameters' bits and the
+The *job* step time is the slowest rank at each step (a refresh step's exchange makes every rank
+wait for the slowest). After the timed steps every rank computes a checksum of its parameters' bits and the
 checksums are all-gathered: the ranks must agree bitwise in every configuration.
 
 CPU threads: by default each rank gets ``cores // world`` torch threads (at least one), so every
@@ -351,8 +352,9 @@ def _job_summary(
         "imbalance": first["imbalance"],
         "owned_blocks": [m["stats"]["owned_blocks"] for m in members],
         "state_mib": [m["state_mib"] for m in members],
-        "bytes_per_step": first["bytes_per_step"],
-        "exchange_over_model": first["bytes_per_step"] / (numel * size),
+        "bytes_per_refresh": first["bytes_per_refresh"],
+        "bytes_per_step": first["bytes_per_refresh"] / frequency,
+        "exchange_over_model": first["bytes_per_refresh"] / (numel * size),
         "ranks_equal": all(m["ranks_equal"] for m in members),
         "max_abs_diff_vs_replicated": max(
             (m["max_abs_diff_vs_replicated"] or 0.0 for m in members), default=None
@@ -409,14 +411,16 @@ def _steps_text(row: dict[str, Any]) -> list[str]:
 def summary_table(summaries: list[dict[str, Any]]) -> str:
     """One line per world size, refresh period and configuration (job = slowest rank per step)."""
     header = ["W", "F", "config", "per step ms", "step ms [min–max]", "refresh step ms [min–max]"]
-    header += ["owned blocks per rank", "imbalance", "exchange / step / rank (× model)"]
+    header += ["owned blocks per rank", "imbalance", "exchange / refresh step / rank (× model); / step"]
     header += ["optimizer state MiB per rank", "× replicated"]
     header += ["× W=1", "ranks bitwise equal", "max abs Δ vs replicated (of max change)"]
 
     def cells(s: dict[str, Any]) -> list[object]:
         deviation = s["max_abs_diff_vs_replicated"]
-        exchange = _bytes(s["bytes_per_step"]) + (
-            f" ({s['exchange_over_model']:.3f}×)" if s["exchange_over_model"] else ""
+        exchange = _bytes(s["bytes_per_refresh"]) + (
+            f" ({s['exchange_over_model']:.3f}×); {_bytes(round(s['bytes_per_step']))}"
+            if s["exchange_over_model"]
+            else ""
         )
         return [
             *(s["world"], s["frequency"], s["config"], *_steps_text(s)),
@@ -435,14 +439,14 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
 
 def rank_table(rows: list[dict[str, Any]]) -> str:
     """One line per world size, refresh period, configuration and rank."""
-    header = ["W", "F", "config", "rank", "threads", "owned blocks", "imbalance", "bytes / step"]
+    header = ["W", "F", "config", "rank", "threads", "owned blocks", "imbalance", "bytes / refresh step"]
     header += ["per step ms", "step ms [min–max]", "refresh step ms [min–max]", "× replicated"]
 
     def cells(r: dict[str, Any]) -> list[object]:
         st = r["stats"]
         return [
             *(r["world"], r["frequency"], r["config"], r["rank"], r["threads"]),
-            *(st["owned_blocks"], f"{st['imbalance']:.3f}", st["bytes_per_step"], *_steps_text(r)),
+            *(st["owned_blocks"], f"{st['imbalance']:.3f}", st["bytes_per_refresh"], *_steps_text(r)),
             ratio(r["speedup_vs_replicated"]),
         ]
 
@@ -488,10 +492,15 @@ def markdown(report: dict[str, Any]) -> str:
         "`(refresh + (F−1)·other)/F` of the refresh-step and other-step medians. *× replicated* "
         "divides the `replicated` per-step time (every rank does all the work, "
         "`process_group=False`) of the same world size (and rank) by this row's; *× W=1* divides the "
-        "one-process time. *owned blocks*, *imbalance* (max/mean of DASH's cost estimate over ranks) "
-        "and *bytes / step* (the all-gather's output on each rank: its own share and padding to the "
-        "largest rank's share included) come from `DASH.distribution_stats()`; *(× model)* divides the "
-        "bytes by the size of all parameters in the communication dtype (1× = no padding). *ranks "
+        "one-process time. *owned blocks* (whose roots the rank refreshes), *imbalance* (max/mean of "
+        "DASH's root-refresh cost estimate over ranks) and *bytes / refresh step* (the output of the "
+        "all-gather of refreshed roots on each rank, in a step that refreshes every root: its own "
+        "share and padding to the largest rank's share included) come from "
+        "`DASH.distribution_stats()`; *(× model)* divides them by the size of all parameters in the "
+        "communication dtype (a square block has two factors of its own size: about 2×), and */ step* "
+        "divides them by F (steps between refreshes exchange nothing). *optimizer state*: every rank "
+        "holds the whole state (factors, roots, moments), so `state_dict()` on rank 0 alone is "
+        "complete. *ranks "
         "bitwise equal*: the int64 checksums of every rank's parameter bits, all-gathered after the "
         "timed steps, are identical. *max abs Δ vs replicated*: the largest parameter difference "
         "from the replicated configuration after the same steps (fp32: batching differences; bf16: "

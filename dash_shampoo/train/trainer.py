@@ -385,20 +385,21 @@ def train_one(
         progress.line(f"{name} step {step:5d}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}")
 
     def checkpoint() -> None:
+        if not runtime.main:  # rank 0 alone saves, as nanoGPT does: every rank holds the whole state
+            return
         payload = {
             "optimizer_name": name,
             "options": resume_options(args),
             "step": step,
             "train_time": train_time,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),  # on every rank: DASH gathers the ranks' blocks
+            "optimizer": optimizer.state_dict(),
             "scheduler": schedule.state_dict(),
             "evals": evals,
             "train_losses": train_losses,
             "opt_times": opt_times,
         }
-        if runtime.main:
-            save_checkpoint(args.checkpoint, payload)
+        save_checkpoint(args.checkpoint, payload)
 
     if step == 0:
         record_eval()
@@ -453,7 +454,7 @@ def train_one(
         "tokens_per_s": tokens_per_step * len(opt_times) / train_time if train_time else float("nan"),
         "peak_memory_mib": memory,
         "peak_memory_kind": memory_kind,
-        # Every rank calls state_dict (DASH gathers): this is the whole state, not one rank's share.
+        # Every rank holds the whole state (as DDP keeps AdamW's).
         "optimizer_state_mib": state_bytes(optimizer.state_dict()["state"]) / 2**20,
         "root_failures": getattr(optimizer, "root_failures", 0),
         "skipped_steps": getattr(optimizer, "skipped_steps", 0),
