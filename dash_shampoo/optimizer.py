@@ -33,6 +33,8 @@ from .preconditioner import (
     accept_roots,
     accumulate_factor,
     accumulate_second_moment,
+    may_overflow,
+    peak_abs,
     row_values,
     update_direction,
 )
@@ -360,9 +362,12 @@ class DASH(Optimizer):
         if not active:
             return loss
         self._checks.check(self.param_groups)
+        initializing = not self.state and _initializing_step(self.param_groups, active)
         plan = self._layout
         if plan is None or not plan.covers(active) or plan.signature != layout.signature(self.param_groups):
             plan = self._layout = self._build_layout(active)
+        if initializing:  # the state exists now, at step 0; nothing else happens
+            return loss
 
         for stack in plan.stacks:
             stack.gather_gradients(self.param_groups[stack.group_index]["maximize"])
@@ -432,7 +437,7 @@ class DASH(Optimizer):
             by_device.setdefault(stack.grad.device, []).append(stack)
         peaks: dict[int, float] = {}
         for stacks in by_device.values():
-            values = torch.stack([_peak(stack.grad) for stack in stacks]).cpu().tolist()
+            values = torch.stack([peak_abs(stack.grad) for stack in stacks]).cpu().tolist()
             peaks.update((id(stack), value) for stack, value in zip(stacks, values))
         bad = [s for s in plan.stacks if not math.isfinite(peaks[id(s)])]
         if not distributed.all_finite(self._process_group, torch.tensor(not bad)):
@@ -446,9 +451,9 @@ class DASH(Optimizer):
             return None
         candidates = []
         for stack in plan.stacks:
-            if _may_overflow(peaks[id(stack)], stack.shape):
-                block_peaks = _peak(stack.grad, dims=(1, 2)).double()
-                rows = torch.nonzero(_may_overflow(block_peaks, stack.shape)).flatten()
+            if may_overflow(peaks[id(stack)], stack.shape):
+                block_peaks = peak_abs(stack.grad, dims=(1, 2)).double()
+                rows = torch.nonzero(may_overflow(block_peaks, stack.shape)).flatten()
                 candidates.append((stack, rows))
         return candidates
 
@@ -571,19 +576,14 @@ class DASH(Optimizer):
         return out
 
 
-def _peak(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``max|x|`` (over ``dims``, default all) as ``max(max x, −min x)``: two vectorised reductions
-    through which NaN and inf propagate."""
-    if dims is None:
-        return torch.maximum(x.amax(), -x.amin())
-    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
-
-
-def _may_overflow(peak: Any, block: tuple[int, int]) -> Any:
-    """Whether a block with entries up to ``peak`` may overflow fp32 in ``g gᵀ``, ``gᵀ g`` or ``g²``:
-    their entries are at most ``max(m, n) · peak²`` (against a quarter of the fp32 maximum, for the
-    exponential averages that add to them). ``peak``: a float or a float64 tensor."""
-    return peak * peak * max(block) > torch.finfo(torch.float32).max / 4
+def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) -> bool:
+    """Whether a first step is ``torch.distributed.checkpoint``'s state initialisation (every lr 0,
+    every gradient zero: ``get_optimizer_state_dict`` on a fresh optimizer). Such a step creates the
+    state but is not counted, so it does not consume the first refresh (one host read, once)."""
+    for lr in (group["lr"] for group in groups):
+        if not (lr.device.type == "cpu" and bool(lr == 0) if isinstance(lr, torch.Tensor) else lr == 0):
+            return False
+    return float(torch.stack([peak_abs(p.grad).float().cpu() for p in active]).max()) == 0.0
 
 
 def _restore(key: str, value: Any, device: torch.device) -> Any:

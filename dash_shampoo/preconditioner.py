@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -211,3 +211,18 @@ def accept_roots(
     zero = factors.diagonal(dim1=-2, dim2=-1).sum(dim=-1) == 0
     ok = torch.isfinite(peak) & (peak <= bound) & ~zero
     return torch.where(ok[:, None, None], new, old), ok, zero
+
+
+def peak_abs(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``max|x|`` (over ``dims``, default all) as ``max(max x, −min x)``: two vectorised reductions
+    through which NaN and inf propagate."""
+    if dims is None:
+        return torch.maximum(x.amax(), -x.amin())
+    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
+
+
+def may_overflow(peak: Any, block: tuple[int, int]) -> Any:
+    """Whether a block with entries up to ``peak`` may overflow fp32 in ``g gᵀ``, ``gᵀ g`` or ``g²``:
+    their entries are at most ``max(m, n) · peak²`` (against a quarter of the fp32 maximum, for the
+    exponential averages that add to them). ``peak``: a float or a float64 tensor."""
+    return peak * peak * max(block) > torch.finfo(torch.float32).max / 4

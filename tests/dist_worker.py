@@ -127,6 +127,38 @@ def scenario_resume(rank: int, world: int, out_dir: str) -> dict:
     return {"params": flat(model)}
 
 
+def scenario_dcp_save(rank: int, world: int, out_dir: str) -> dict:
+    """torch.distributed.checkpoint of the model and DASH after 3 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = mixed_model()
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    train(model, optimizer, range(1, 4))
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+    return {"params": flat(model)}
+
+
+def dcp_resume(model: torch.nn.Module, optimizer: DASH, path: str) -> None:
+    """Load a checkpoint of scenario_dcp_save into a fresh model and optimizer (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def scenario_dcp_resume(rank: int, world: int, out_dir: str) -> dict:
+    model = mixed_model()
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    dcp_resume(model, optimizer, os.path.join(out_dir, "dcp"))
+    train(model, optimizer, range(4, 7))
+    return {"params": flat(model)}
+
+
 def scenario_mismatch(rank: int, world: int, out_dir: str) -> dict:
     """Rank 1 has a parameter of another shape: every rank must raise a clear ValueError."""
     param = torch.nn.Parameter(torch.randn(4, 4 + rank))

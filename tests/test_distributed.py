@@ -12,6 +12,7 @@ of a root differently depending on its batch (measured: at most 1.2e-7 after 6 s
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,7 +64,9 @@ def single_process(steps: range, model=None, optimizer=None) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist2"))
-    return launch(2, ["train", "tiny", "save", "resume", "mismatch", "layouts"], out), out
+    return launch(
+        2, ["train", "tiny", "save", "resume", "dcp_save", "dcp_resume", "mismatch", "layouts"], out
+    ), out
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,8 @@ def three_ranks(tmp_path_factory, two_ranks):
     out = str(tmp_path_factory.mktemp("dist3"))
     # The 2-rank checkpoint resumes at 3 ranks.
     torch.save(torch.load(os.path.join(two_ranks[1], "checkpoint.pt")), os.path.join(out, "checkpoint.pt"))
-    return launch(3, ["train", "tiny", "resume", "layouts"], out), out
+    shutil.copytree(os.path.join(two_ranks[1], "dcp"), os.path.join(out, "dcp"))
+    return launch(3, ["train", "tiny", "resume", "dcp_resume", "layouts"], out), out
 
 
 @pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
@@ -160,6 +164,21 @@ def test_checkpoint_saved_by_rank_0_alone_resumes_bitwise_at_two(two_ranks):
     checkpoint from which 2 ranks continue bitwise as if never stopped."""
     for resumed, uninterrupted in zip(two_ranks[0]["resume"], two_ranks[0]["train"]):
         assert torch.equal(resumed["params"], uninterrupted["params"])
+
+
+def test_distributed_checkpoint_saved_at_two_ranks_resumes_at_one_two_and_three(two_ranks, three_ranks):
+    """dcp.save of get_optimizer_state_dict at 2 ranks; dcp.load + set_optimizer_state_dict at 2
+    (bitwise: the same layout), at 3 and in this process (1e-6: eigh batches differ)."""
+    uninterrupted = two_ranks[0]["train"]
+    for resumed, reference in zip(two_ranks[0]["dcp_resume"], uninterrupted):
+        assert torch.equal(resumed["params"], reference["params"])
+    expected = single_process(range(1, 7))
+    for result in three_ranks[0]["dcp_resume"]:
+        assert_close_to_single(result["params"], expected)
+    model = dist_worker.mixed_model()
+    optimizer = DASH(model.parameters(), **dist_worker.OPTIONS)
+    dist_worker.dcp_resume(model, optimizer, os.path.join(two_ranks[1], "dcp"))
+    assert_close_to_single(single_process(range(4, 7), model, optimizer), expected)
 
 
 def test_checkpoint_saved_at_two_ranks_resumes_at_three(three_ranks):

@@ -330,6 +330,27 @@ def test_counters_survive_a_state_dict_round_trip():
     assert "skipped_steps" not in fresh.param_groups[0]  # counters are not options
 
 
+def test_distributed_checkpoint_state_init_does_not_count_as_a_step():
+    """get_optimizer_state_dict on a fresh optimizer runs a zero-gradient, lr = 0 step to create the
+    state: it must not consume the step count or the first refresh."""
+    pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    runs = []
+    for init in (True, False):
+        model = torch.nn.Linear(13, 20, bias=False)
+        model.weight.data = torch.randn(20, 13, generator=torch.Generator().manual_seed(0))
+        opt = DASH(model.parameters(), lr=1e-2, block_size=16, precondition_frequency=3)
+        if init:
+            state = get_optimizer_state_dict(model, opt)["state"]
+            assert int(state["weight"]["step"]) == 0 and "left.0" in state["weight"]
+        for k in range(4):
+            model.weight.grad = randn(1.0) + k
+            opt.step()
+        runs.append(model.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_counters_survive_torch_distributed_checkpoint(tmp_path):
     dcp = pytest.importorskip("torch.distributed.checkpoint")
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
