@@ -212,10 +212,6 @@ def group_kind(group: Any) -> str:
     return "default" if group is dist.group.WORLD else "custom"
 
 
-#: State entries of a whole parameter (the others are region tensors, one row per block).
-PER_PARAMETER = ("step", "shape")
-
-
 class RootExchange:
     """The all-gather of the roots refreshed at a step: each rank packs the roots it computed
     (bank by bank, in row order) into a buffer of the largest rank's size, and every rank copies

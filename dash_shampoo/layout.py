@@ -34,6 +34,9 @@ from .options import check_group
 from .stacks import Bank, BlockRun, Stack, bind
 
 # Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
+#: State entries of a whole parameter (the others are region tensors, one row per block).
+PER_PARAMETER = ("step", "shape")
+
 LAYOUT_KEYS = (
     "block_size",
     "one_dim",

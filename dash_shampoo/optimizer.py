@@ -589,6 +589,6 @@ def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) 
 def _restore(key: str, value: Any, device: torch.device) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
-    if key in distributed.PER_PARAMETER:
+    if key in layout.PER_PARAMETER:
         return value.detach().to(device="cpu", dtype=torch.int64).clone()
     return value.detach().to(device=device, dtype=torch.float32).clone()
