@@ -121,7 +121,8 @@ class DASH(Optimizer):
             ``eps`` and Distributed Shampoo's ``epsilon``).
         root_eps_relative: a further ridge relative to each factor's scale: ``root_eps_relative ·
             tr(F)/n`` (the mean eigenvalue), so singular factors (a few gradients so far) are
-            inverted on a scale set by their own magnitude, not by rounding noise.
+            inverted on a scale set by their own magnitude, not by rounding noise (default 1e-6:
+            benchmarks/results/ridge-study-cpu.md; 0 for the paper's absolute ridge alone).
         root_steps, root_tol: iterations (and optional per-matrix tolerance) of the Newton methods.
         scaling, scaling_steps, num_vectors, safety: spectral scaling of the iterative methods.
         precision: matmul precision of the iterative solvers (``"fp32"``, ``"tf32"``, ``"bf16"``,
@@ -170,7 +171,7 @@ class DASH(Optimizer):
         nesterov: bool = False,
         root_method: Method = "ndb",
         root_eps: float = 1e-10,
-        root_eps_relative: float = 0.0,
+        root_eps_relative: float = 1e-6,
         root_steps: int = 10,
         root_tol: float | None = None,
         scaling: Scaling = "power_multi",

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = dict(
     momentum=0.0,
     nesterov=False,
     root_eps=1e-10,
+    root_eps_relative=1e-6,
     one_dim="shampoo",
     matrix_root=None,
     maximize=False,
@@ -79,10 +80,12 @@ def region_of(sl: tuple[slice, slice], block_size: int) -> tuple[bool, bool]:
     return (sl[0].stop - sl[0].start == block_size, sl[1].stop - sl[1].start == block_size)
 
 
-def inverse_root_eigh(A: torch.Tensor, p: int, eps: float) -> torch.Tensor:
-    """(A + eps I)^(-1/p) in float64 with Shampoo's eigenvalue shift (eps is added twice)."""
+def inverse_root_eigh(A: torch.Tensor, p: int, eps: float, relative_eps: float = 0.0) -> torch.Tensor:
+    """(A + r I)^(-1/p) in float64, r = eps + relative_eps · tr(A)/n, with Shampoo's eigenvalue
+    shift (the absolute eps is added a second time)."""
     A = A.double()
-    values, vectors = torch.linalg.eigh(A + eps * torch.eye(A.shape[0], dtype=torch.float64))
+    r = eps + relative_eps * float(A.trace()) / A.shape[0]
+    values, vectors = torch.linalg.eigh(A + r * torch.eye(A.shape[0], dtype=torch.float64))
     values = values - values.min().clamp_max(0) + eps
     return (vectors * values.pow(-1.0 / p)) @ vectors.T
 
@@ -183,7 +186,9 @@ class ReferenceShampoo:
                 else:
                     due = t == start or t % freq == 0
                 if due:
-                    blk[side + "root"] = inverse_root_eigh(blk[side], root, group["root_eps"])
+                    blk[side + "root"] = inverse_root_eigh(
+                        blk[side], root, group["root_eps"], group["root_eps_relative"]
+                    )
                     self.refreshes += 1
             if t >= start:
                 U = g_hat[sl]
