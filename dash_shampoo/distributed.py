@@ -215,22 +215,20 @@ def group_kind(group: Any) -> str:
 class RootExchange:
     """The all-gather of the roots refreshed at a step: each rank packs the roots it computed
     (bank by bank, in row order) into a buffer of the largest rank's size, and every rank copies
-    every rank's roots into its banks, its own included, so that with ``bf16`` communication all
-    ranks hold the same rounded roots.
+    the other ranks' roots into its banks.
 
     Args:
         banks: the layout's banks (the same on every rank).
         rank, world_size: this rank and the number of ranks.
-        dtype: dtype of the exchanged roots.
     """
 
-    def __init__(self, banks: list[Bank], rank: int, world_size: int, dtype: torch.dtype) -> None:
-        self.rank, self.world_size, self.dtype = rank, world_size, dtype
+    def __init__(self, banks: list[Bank], rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
         shares = [0] * world_size
         for bank in banks:
             for owner in bank.owners or []:
                 shares[owner] += bank.size * bank.size
-        self.element_size = torch.empty((), dtype=dtype).element_size()
+        self.element_size = 4  # fp32
         # Bytes each rank receives in a step that refreshes every root.
         self.bytes_per_refresh = max(shares) * world_size * self.element_size
         self.bytes_received = 0
@@ -245,7 +243,7 @@ class RootExchange:
         if width == 0:
             return
         device = refreshed[0][0].roots.device
-        send = torch.zeros(width, dtype=self.dtype, device=device)
+        send = torch.zeros(width, dtype=torch.float32, device=device)
         offset = 0
         for bank, due in refreshed:
             rows, count = due.by_rank[self.rank]
@@ -256,13 +254,15 @@ class RootExchange:
         received = all_gather_flat(group, send)
         self.bytes_received += received.numel() * self.element_size
         for r in range(self.world_size):
+            if r == self.rank:
+                continue  # its own roots are in place already
             offset = r * width
             for bank, due in refreshed:
                 rows, count = due.by_rank[r]
                 if count:
                     size = count * bank.size * bank.size
                     roots = received[offset : offset + size].view(count, bank.size, bank.size)
-                    write_rows(bank.roots, rows, roots.float())
+                    write_rows(bank.roots, rows, roots)
                     offset += size
 
 

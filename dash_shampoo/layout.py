@@ -327,13 +327,10 @@ def build(
     stacking: str,
     rank: int = 0,
     world_size: int = 1,
-    *,
-    exchange_dtype: torch.dtype = torch.float32,
 ) -> Layout:
     """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, the stacks and
     banks, and their buffers bound to ``state`` (which gains a ``step`` counter and the ``shape`` it
-    was made for, for every used parameter). With several ranks the refreshed roots are exchanged
-    in ``exchange_dtype``."""
+    was made for, for every used parameter)."""
     ownership = plan_ownership(groups, regions, world_size)
     stacks, ordinals, blocks = _plan_stacks(regions, stacking)
     banks = _plan_banks(groups, stacks, ordinals, stacking)
@@ -347,7 +344,7 @@ def build(
         for bank in banks:
             bank.owners = [ownership.owner_of(b) for e in bank.entries for b in blocks[id(e.run)]]
             bank.rank, bank.world_size = rank, world_size
-        exchange = distributed.RootExchange(banks, rank, world_size, exchange_dtype)
+        exchange = distributed.RootExchange(banks, rank, world_size)
     options = [root_options(group) for group in groups]
     return Layout(
         stacks, banks, regions.params, options, ownership, rank, world_size, exchange, signature(groups)

@@ -44,8 +44,8 @@ Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
 NonFinite = Literal["skip", "raise"]
 NONFINITE: tuple[str, ...] = ("skip", "raise")
-Communication = Literal["fp32", "bf16"]
-COMMUNICATION: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Communication = Literal["fp32"]
+COMMUNICATION: tuple[str, ...] = ("fp32",)
 
 # On the CPU the per-step elementwise work runs over chunks of a stack's rows of at most this many
 # elements per torch thread (1 MiB of fp32), which stay in the cores' caches between the passes.
@@ -144,7 +144,8 @@ class DASH(Optimizer):
             keep the whole state; each refreshes the roots of its share of the blocks and the new
             roots are all-gathered (:mod:`dash_shampoo.distributed`), so :meth:`state_dict` on any
             one rank is complete. ``False``: no sharing (each process refreshes every root).
-        communication: dtype of the exchanged roots, ``"fp32"`` or ``"bf16"``.
+        communication: dtype of the exchanged roots: ``"fp32"`` (bf16 roots moved the parameters by
+            65% of their change from the fp32 result, so it is not offered).
 
     A root refresh that fails, is not finite or has an entry above ``100·r^(-1/p)``, with ``r`` the
     factor's ridge (an exact root is below ``r^(-1/p)``; a diverged low-precision iteration can be
@@ -226,7 +227,12 @@ class DASH(Optimizer):
         self.stacking = check_choice("stacking", stacking, STACKINGS)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE)
         self.seed = check_number("seed", seed, low=0, integer=True)
-        self.communication = check_choice("communication", communication, tuple(COMMUNICATION))
+        if communication == "bf16":
+            raise ValueError(
+                "communication 'bf16' is not offered: the ranks exchange inverse roots, which bf16 "
+                "rounds too coarsely (see benchmarks/results/dist-cpu.md); use 'fp32'"
+            )
+        self.communication = check_choice("communication", communication, COMMUNICATION)
         self._process_group = distributed.resolve_group(process_group)
         super().__init__(params, defaults)
         self._layout: Layout | None = None
@@ -422,7 +428,6 @@ class DASH(Optimizer):
             regions,
             self.stacking,
             *distributed.world(self._process_group),
-            exchange_dtype=COMMUNICATION[self.communication],
         )
 
     def _check_gradients(self, plan: Layout) -> list[tuple[Stack, torch.Tensor]] | None:

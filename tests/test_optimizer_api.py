@@ -430,3 +430,10 @@ def test_add_param_group_mid_run(stacking):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     assert int(opt_a.state[extra]["step"]) == 2
     assert not torch.equal(extra.detach(), extra_before)
+
+
+def test_bf16_communication_is_refused_with_the_reason():
+    with pytest.raises(
+        ValueError, match="communication 'bf16' is not offered: the ranks exchange inverse roots"
+    ):
+        DASH([torch.zeros(2, 2, requires_grad=True)], communication="bf16")

@@ -5,13 +5,11 @@ For each world size of ``--worlds`` the command spawns that many processes (``to
 with at least as many GPUs as the largest world size, else gloo on the CPU (one backend for all
 rows). Every rank builds the same parameters (a shape set of :mod:`dash_shampoo.bench.shapes`)
 with the same seeded random gradients, as DDP would leave them after its all-reduce, and times
-``optimizer.step()`` of three configurations of the same DASH:
+``optimizer.step()`` of two configurations of the same DASH:
 
 - ``shared-fp32``: the default process group, so each rank refreshes the roots of its share of the
   blocks and the refreshed roots are all-gathered in float32 (every rank keeps the whole state and
   computes every update);
-- ``shared-bf16``: the same with ``communication="bf16"`` (skipped at one process, where nothing is
-  exchanged);
 - ``replicated``: every rank does all the work, as without distribution
   (``process_group=False``).
 
@@ -63,7 +61,6 @@ from .timing import per_step, split_refresh, stats, sync
 #: The configurations: name -> (how the work is distributed, communication dtype).
 CONFIGS: dict[str, tuple[str, str]] = {
     "shared-fp32": ("shared", "fp32"),
-    "shared-bf16": ("shared", "bf16"),
     "replicated": ("replicated", "fp32"),
 }
 #: Named option sets (``--preset``; default ``gpu`` with a GPU per rank, else ``cpu``). The CPU
@@ -198,7 +195,7 @@ def _run_frequency(
     world: int, frequency: int, spec: dict[str, Any], device: torch.device
 ) -> list[dict[str, Any]]:
     """Time every configuration at one refresh period; one record per configuration."""
-    configs = [c for c in spec["configs"] if not (world == 1 and c == "shared-bf16")]
+    configs = list(spec["configs"])
     built = {config: _build(spec, config, frequency, device) for config in configs}
     samples = _interleaved_samples(
         {config: pair[0] for config, pair in built.items()}, frequency, spec, device
@@ -341,7 +338,7 @@ def _job_summary(
             steps[t] = max(steps.get(t, 0.0), seconds)
     refresh, other = (stats(part) for part in split_refresh(steps.items(), frequency))
     first = members[0]["stats"]
-    size = 2 if members[0]["communication"] == "bf16" else 4
+    size = 4  # fp32
     return {
         "world": world,
         "frequency": frequency,
@@ -503,8 +500,8 @@ def markdown(report: dict[str, Any]) -> str:
         "complete. *ranks "
         "bitwise equal*: the int64 checksums of every rank's parameter bits, all-gathered after the "
         "timed steps, are identical. *max abs Δ vs replicated*: the largest parameter difference "
-        "from the replicated configuration after the same steps (fp32: batching differences; bf16: "
-        "the rounded exchange), with in brackets the largest change of a parameter from its initial "
+        "from the replicated configuration after the same steps (batching differences of the solver), "
+        "with in brackets the largest change of a parameter from its initial "
         "value in this configuration. The gradient is the same seeded random tensor at every step and on "
         "every rank.\n"
     )
