@@ -33,10 +33,10 @@ from .linalg.roots import root_matmuls
 from .options import check_group
 from .stacks import Bank, BlockRun, Stack, bind
 
-# Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
 #: State entries of a whole parameter (the others are region tensors, one row per block).
 PER_PARAMETER = ("step", "shape")
 
+# Group options that decide how blocks are cut, stacked and inverted: changing one re-plans.
 LAYOUT_KEYS = (
     "block_size",
     "one_dim",
@@ -131,8 +131,8 @@ def collect_regions(
     (``active``) or state from an earlier step. Changes nothing.
 
     Raises:
-        ValueError: a used parameter's saved state has blocks of another shape than its blocking
-            now gives (it was saved with another ``block_size``).
+        ValueError: a used parameter's state does not fit it (:func:`check_state`: saved for another
+            parameter shape, or with another ``block_size``).
     """
     regions = Regions()
     for g_index, group in enumerate(groups):
