@@ -74,6 +74,12 @@ def main() -> None:
     if trainer.is_global_zero:
         summary = {"world_size": world, "losses": model.losses, "step": trainer.global_step}
         print("RESULT", json.dumps(summary))
+    if torch.distributed.is_initialized():
+        # Lightning leaves the process group open, and a gloo group open at exit can abort the
+        # interpreter ("terminate called without an active exception"): close it once all
+        # ranks are done.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
