@@ -4,6 +4,7 @@ quadratic and on Rosenbrock, and goes uphill with maximize=True."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -19,33 +20,42 @@ def _task():
     return X, Y
 
 
-def _model():
-    torch.manual_seed(1)
+def _model(seed: int = 1):
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
 
 
-def _train(make_optimizer, steps=150):
+def _train(make_optimizer, seed: int, steps: int = 150, tail: int = 50) -> float:
+    """The mean training loss of the last ``tail`` of ``steps`` full-batch steps."""
     X, Y = _task()
-    model = _model()
+    model = _model(seed)
     opt = make_optimizer(model.parameters())
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
         loss = (model(X) - Y).pow(2).mean()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return (model(X) - Y).pow(2).mean().item()
+        losses.append(loss.item())
+    return sum(losses[-tail:]) / tail
 
 
 def test_mlp_beats_adamw_at_equal_lr():
-    # lr 0.03 is AdamW's best of {3e-3, 1e-2, 3e-2, 1e-1} on this task (final losses 7.6e-3,
-    # 2.9e-3, 2.1e-3, 3.6e-3). Measured at lr 0.03 after 150 steps: AdamW 2.08e-3, DASH (default
-    # NDB roots) 2.9e-4, i.e. 0.14x (seeds 1-3: 3.4e-4 to 5.8e-4); the assertion asks for 0.5x.
-    adamw = _train(lambda p: torch.optim.AdamW(p, lr=0.03, betas=(0.9, 0.95), weight_decay=0.0))
-    dash = _train(lambda p: DASH(p, lr=0.03, block_size=32, precondition_frequency=5))
-    initial = _train(lambda p: torch.optim.SGD(p, lr=0.0), steps=1)
-    assert adamw < 0.1 * initial  # AdamW itself trains
-    assert dash < 0.5 * adamw, (dash, adamw)
+    # At lr 0.03 both optimizers sit near their edge of stability, so the final loss alone jumps
+    # by up to 10x with the last bits of the CPU's kernels (two CPUs gave AdamW 2.1e-3 and 4.7e-3
+    # from the same seed). The mean of the last 50 of 150 losses is stable to about 20%. lr 0.03
+    # is AdamW's best of {1e-2, 3e-2} by that measure (geometric mean over seeds 1-6: 4.2e-3,
+    # 3.0e-3). Measured at lr 0.03, seeds 1-3: DASH/AdamW 0.54, 0.61, 0.72 (geometric mean 0.62);
+    # the assertion asks for every seed below 1 and the geometric mean below 0.8.
+    ratios = []
+    for seed in (1, 2, 3):
+        adamw = _train(lambda p: torch.optim.AdamW(p, lr=0.03, betas=(0.9, 0.95), weight_decay=0.0), seed)
+        dash = _train(lambda p: DASH(p, lr=0.03, block_size=32, precondition_frequency=5), seed)
+        initial = _train(lambda p: torch.optim.SGD(p, lr=0.0), seed, steps=1, tail=1)
+        assert adamw < 0.1 * initial  # AdamW itself trains
+        ratios.append(dash / adamw)
+    assert max(ratios) < 1.0, ratios
+    assert math.prod(ratios) ** (1 / len(ratios)) < 0.8, ratios
 
 
 def test_quadratic_converges():
