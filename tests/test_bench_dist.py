@@ -42,8 +42,8 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
         assert row["speedup_vs_replicated"] > 0
         assert row["root_failures"] == 0 and row["skipped_steps"] == 0
         stats = row["stats"]
-        shared = row["distribution"] == "shared"
-        # replicated: a one-rank group per rank, in which every rank is rank 0.
+        shared = row["config"] != "replicated"
+        # replicated (no group): every rank is rank 0 of one.
         assert (stats["world_size"], stats["rank"]) == ((row["world"], row["rank"]) if shared else (1, 0))
         assert row["state_mib"] > 0
         if row["config"] == "replicated":
@@ -53,7 +53,7 @@ def test_dist_quick_rows_and_bitwise_agreement(tmp_path: Path) -> None:
     # Shared: the ranks' blocks partition the model's blocks.
     owned: dict[tuple, int] = {}
     for row in rows:
-        if row["distribution"] == "shared":
+        if row["config"] != "replicated":
             key = (row["world"], row["frequency"], row["config"])
             owned[key] = owned.get(key, 0) + row["stats"]["owned_blocks"]
     for (world, frequency, _), count in owned.items():

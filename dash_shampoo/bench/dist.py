@@ -58,11 +58,8 @@ from ..results import RunRecord, cpu_count, markdown_table, metadata_lines, ms, 
 from .shapes import SET_NAMES, ShapeSet, make_parameters, shape_set
 from .timing import per_step, split_refresh, stats, sync
 
-#: The configurations: name -> (how the work is distributed, communication dtype).
-CONFIGS: dict[str, tuple[str, str]] = {
-    "shared-fp32": ("shared", "fp32"),
-    "replicated": ("replicated", "fp32"),
-}
+#: The configurations: name -> DASH's ``process_group`` (roots exchanged in fp32, DASH's only choice).
+CONFIGS: dict[str, bool | None] = {"shared-fp32": None, "replicated": False}
 #: Named option sets (``--preset``; default ``gpu`` with a GPU per rank, else ``cpu``). The CPU
 #: preset uses eigh: one NDB refresh of ``mini`` at block 256 took 3.5 s against 0.55 s for eigh
 #: (2 threads, measured once while writing this module), too slow for a run of a few minutes.
@@ -151,15 +148,13 @@ def _build(
 ) -> tuple[DASH, list[torch.Tensor]]:
     """Fresh parameters (identical on every rank) and the configuration's DASH."""
     params = make_parameters(spec["shapes"], device, seed=spec["seed"])
-    distribution, communication = CONFIGS[config]
     optimizer = DASH(
         params,
         lr=spec["lr"],
         block_size=spec["block_size"],
         precondition_frequency=frequency,
         root_method=spec["root_method"],
-        process_group=None if distribution == "shared" else False,
-        communication=communication,
+        process_group=CONFIGS[config],
     )
     return optimizer, params
 
@@ -213,8 +208,6 @@ def _run_frequency(
         records.append(
             {
                 "config": config,
-                "distribution": CONFIGS[config][0],
-                "communication": CONFIGS[config][1],
                 "frequency": frequency,
                 "samples": samples[config],
                 "refresh": refresh,
