@@ -15,6 +15,10 @@ which gives at most four *regions* of equal-shape blocks: full ``(B, B)`` blocks
 ``(B, c)`` blocks, a bottom edge of ``(r, B)`` blocks and one ``(r, c)`` corner block. A matrix
 smaller than a block is a single corner block. Inside a region blocks are numbered row-major over
 the block grid. Cutting and putting back are exact inverses of each other.
+
+A shard of rows (an FSDP2 ``Shard(0)`` DTensor's local tensor) is blocked as the rows of its full
+parameter's matrix view (:meth:`Blocking.build` with ``full_shape``), so its blocks follow the
+shard's boundaries; :meth:`Blocking.places_in` says where they sit among the full matrix's blocks.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ class Region:
         return matrix[r0 : r0 + m, c0 : c0 + n]
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose blocks a rank holds: a DTensor's local shard (sharing its storage, so
+    in-place updates reach the parameter), any other tensor itself. Call it under ``no_grad``."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
 def _pieces(length: int, block_size: int) -> list[tuple[int, int, int]]:
     """``(start, count, size)`` runs along one side: full pieces of ``block_size`` then the rest."""
     full, rest = divmod(length, block_size)
@@ -77,13 +88,21 @@ class Blocking:
 
     @classmethod
     def build(
-        cls, shape: torch.Size | tuple[int, ...], block_size: int, one_dim: Literal["shampoo", "adam"]
+        cls,
+        shape: torch.Size | tuple[int, ...],
+        block_size: int,
+        one_dim: Literal["shampoo", "adam"],
+        full_shape: torch.Size | tuple[int, ...] | None = None,
     ) -> Blocking:
-        """Plan the blocks of a parameter of ``shape`` (see the module docstring)."""
-        dims = [d for d in shape if d != 1]
+        """Plan the blocks of a parameter of ``shape`` (see the module docstring); with
+        ``full_shape``, ``shape`` is a slice of dim-0 rows of a parameter of that shape, blocked as
+        rows of the full parameter's matrix view."""
+        full = tuple(shape if full_shape is None else full_shape)
+        dims = [d for d in full if d != 1]
         numel = math.prod(shape)
         if len(dims) >= 2:
-            matrix_shape = (dims[0], numel // dims[0])
+            columns = math.prod(full) // dims[0]
+            matrix_shape = (numel // columns, columns)
         elif one_dim == "adam":
             matrix_shape = (1, numel)
             block_size = max(numel, 1)
@@ -95,6 +114,27 @@ class Blocking:
             for c0, gc, n in _pieces(matrix_shape[1], block_size)
         )
         return cls(tuple(shape), matrix_shape, regions, preconditioned=matrix_shape[0] != 1 or len(dims) >= 2)
+
+    def places_in(self, full: Blocking, row_offset: int) -> list[tuple[int, int] | None]:
+        """Where this blocking's regions sit among the blocks of ``full``, when this is the blocking
+        of rows ``[row_offset, ...)`` of ``full``'s matrix: per region ``(full region, first
+        block)`` such that block ``k`` of the region is block ``first + k`` of the full region, or
+        None where the blocks differ (the shard's row boundaries are not ``full``'s)."""
+        places: list[tuple[int, int] | None] = []
+        for region in self.regions:
+            place = None
+            for index, other in enumerate(full.regions):
+                rows = row_offset + region.row_start - other.row_start
+                if (
+                    (other.col_start, other.block, other.grid[1])
+                    == (region.col_start, region.block, region.grid[1])
+                    and rows >= 0
+                    and rows % region.block[0] == 0
+                    and rows // region.block[0] + region.grid[0] <= other.grid[0]
+                ):
+                    place = (index, rows // region.block[0] * other.grid[1])
+            places.append(place)
+        return places
 
     def sides(self, region: Region) -> list[tuple[str, int]]:
         """The preconditioned sides of ``region``'s blocks as ``(side, factor size)``: a side of size 1

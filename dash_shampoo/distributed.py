@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import itertools
+import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from .blocking import Blocking
 from .stacks import select_rows, write_rows
 
 if TYPE_CHECKING:
@@ -272,13 +276,161 @@ def sharing_stats(group: Any, layout: Layout | None) -> dict[str, Any]:
     root and in all steps so far (the last four after the first step has built ``layout``; ``None``,
     ``None``, 0, 0 before)."""
     rank, world_size = world(group)
+    own = layout.rank if layout else 0  # with DTensor parameters the layout is this rank's alone
     ownership = layout.ownership if layout else None
     exchange = layout.exchange if layout else None
     return {
         "world_size": world_size,
         "rank": rank,
         "imbalance": ownership.imbalance() if ownership else None,
-        "owned_blocks": ownership.bounds[rank + 1] - ownership.bounds[rank] if ownership else None,
+        "owned_blocks": ownership.bounds[own + 1] - ownership.bounds[own] if ownership else None,
         "bytes_per_refresh": exchange.bytes_per_refresh if exchange else 0,
         "bytes_received": exchange.bytes_received if exchange else 0,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2: DTensor parameters sharded by rows
+# ---------------------------------------------------------------------------------------------
+#
+# FSDP2's ``fully_shard`` makes each parameter a DTensor sharded by dim-0 rows (``Shard(0)``; HSDP
+# adds ``Replicate()`` on a second mesh dimension) and reduce-scatters the gradients, so a rank
+# holds rows ``[offset, offset + rows)`` of the parameter and of its gradient. DASH blocks that
+# shard as rows of the full parameter's matrix view: the step needs no communication of its own,
+# and where the shard boundaries fall on block boundaries its blocks are the full parameter's
+# blocks, so the update is the one-process update. The state of a parameter is saved as DTensors
+# over the parameter's mesh, so torch.distributed.checkpoint can reshard it (:func:`export_state`).
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def check_placements(param: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless the DTensor ``param`` is sharded by rows or replicated on each
+    mesh dimension (what FSDP2 and HSDP make)."""
+    from torch.distributed.tensor import Shard
+
+    for placement in param.placements:
+        if not (placement.is_replicate() or (type(placement) is Shard and placement.dim == 0)):
+            raise ValueError(
+                f"{name} is a DTensor with placements {tuple(param.placements)}: DASH takes DTensor "
+                "parameters sharded by rows (Shard(0), as FSDP2's fully_shard makes them) or "
+                f"replicated, not {placement!r} (tensor parallelism or partial sums)"
+            )
+
+
+def chunk(length: int, parts: int, index: int) -> tuple[int, int]:
+    """``(start, size)`` of piece ``index`` when ``length`` is cut as ``torch.chunk`` cuts it (what a
+    DTensor ``Shard`` placement holds): pieces of ``ceil(length / parts)``, the last ones shorter
+    or empty."""
+    size = -(-length // parts)
+    start = min(index * size, length)
+    return start, min(size, length - start)
+
+
+def shard_rows(
+    length: int, mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence
+) -> tuple[int, int]:
+    """``(offset, rows)`` of dim 0 of a tensor of dim-0 ``length`` held at mesh ``coordinate``."""
+    offset, rows = 0, length
+    for placement, parts, index in zip(placements, mesh_shape, coordinate):
+        if not placement.is_replicate():
+            start, rows = chunk(rows, parts, index)
+            offset += start
+    return offset, rows
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """How a DTensor parameter's local tensor sits in the full parameter.
+
+    Attributes:
+        full: the blocking of the full parameter.
+        local: the blocking of this rank's rows.
+        rows: the ``(first, count)`` of the dim-0 rows this rank holds.
+        offset: this rank's first row of the full parameter's matrix view.
+        places: per region of ``local``, ``(full region, first block)`` (:meth:`Blocking.places_in`),
+            or None where the shard's blocks are not the full parameter's.
+        exact: the region tensors of every rank are, in every mesh coordinate, exactly the rows a
+            ``Shard(0)`` DTensor of the full region tensor would hold, so the state is saved in the
+            one-process layout and reshards; else it is saved per element (:func:`export_state`).
+        mesh, placements: the parameter's device mesh and placements.
+    """
+
+    full: Blocking
+    local: Blocking
+    rows: tuple[int, int]
+    offset: int
+    places: list[tuple[int, int] | None]
+    exact: bool
+    mesh: Any
+    placements: tuple
+
+    @property
+    def same_blocks(self) -> bool:
+        """Whether this rank's blocks are blocks of the full parameter (the one-process update)."""
+        return all(place is not None for place in self.places)
+
+
+def row_shard(param: torch.Tensor, block_size: int, one_dim: str) -> RowShard:
+    """The :class:`RowShard` of a DTensor parameter (placements checked by :func:`check_placements`)."""
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    full_shape = tuple(param.shape)
+    full = Blocking.build(full_shape, block_size, one_dim)  # type: ignore[arg-type]
+    rows = shard_rows(full_shape[0], mesh.shape, mesh.get_coordinate(), placements) if full_shape else (0, 1)
+    if full.matrix_shape[0] == 1:  # a scalar, or a vector blocked as one (1, E) row: sharded by columns
+        local = Blocking.build(tuple(param.to_local().shape), block_size, one_dim)  # type: ignore[arg-type]
+        return RowShard(full, local, rows, 0, [None] * len(local.regions), False, mesh, placements)
+
+    def blocking_at(coordinate: Sequence[int]) -> tuple[int, Blocking]:
+        first, count = shard_rows(full_shape[0], mesh.shape, coordinate, placements)
+        shape = (count, *full_shape[1:])
+        local = Blocking.build(shape, block_size, one_dim, full_shape=full_shape)  # type: ignore[arg-type]
+        # Dim 0 is the matrix's rows, unless it has size 1 (then one rank holds every row).
+        return (first if full_shape[0] > 1 else first * full.matrix_shape[0]), local
+
+    offset, local = blocking_at(mesh.get_coordinate())
+    exact = True
+    for coordinate in itertools.product(*(range(n) for n in mesh.shape)):
+        other_offset, other = blocking_at(coordinate)
+        held = {
+            place[0]: (place[1], r.count)
+            for place, r in zip(other.places_in(full, other_offset), other.regions)
+            if place
+        }
+        if len(held) < len(other.regions):
+            exact = False
+            break
+        for index, region in enumerate(full.regions):
+            start, size = shard_rows(region.count, mesh.shape, coordinate, placements)
+            first, count = held.get(index, (start, 0))
+            if (count, first if count else start) != (size, start):
+                exact = False
+        if not exact:
+            break
+    return RowShard(full, local, rows, offset, local.places_in(full, offset), exact, mesh, placements)
+
+
+def local_rows(value: torch.Tensor, first: int, count: int) -> torch.Tensor:
+    """Rows ``[first, first + count)`` of a saved region tensor: a DTensor's local tensor (it was
+    saved from, or loaded into, these very rows) or a slice of a full tensor."""
+    if is_dtensor(value):
+        return value.to_local()
+    return value[first : first + count]
+
+
+def as_dtensor(local: torch.Tensor, shard: RowShard, full_shape: Sequence[int]) -> torch.Tensor:
+    """``local`` as this rank's rows of a DTensor of ``full_shape`` on the parameter's mesh."""
+    from torch.distributed.tensor import DTensor
+
+    full_shape = tuple(full_shape)
+    stride = tuple(math.prod(full_shape[i + 1 :]) for i in range(len(full_shape)))
+    return DTensor.from_local(
+        local.contiguous(), shard.mesh, shard.placements, run_check=False, shape=full_shape, stride=stride
+    )

@@ -103,6 +103,12 @@ class RegionEntry:
     blocking: Blocking
     region: int
     used: bool
+    # Factor ordinal of side ``k``, block ``b`` of the region: ``ordinal + k * stride + b``. It
+    # numbers the factors of the full (unsharded) parameters in canonical order, so it is the same
+    # in every stacking mode and on every rank; it keys the power-iteration start vectors and the
+    # staggering.
+    ordinal: int
+    stride: int
 
     @property
     def count(self) -> int:
@@ -122,6 +128,7 @@ class Regions:
     entries: list[RegionEntry] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
     fingerprint: list = field(default_factory=list)
+    shards: dict[torch.Tensor, distributed.RowShard] = field(default_factory=dict)
 
 
 def collect_regions(
@@ -135,6 +142,7 @@ def collect_regions(
             parameter shape, or with another ``block_size``).
     """
     regions = Regions()
+    ordinal = 0
     for g_index, group in enumerate(groups):
         for p_index, p in enumerate(group["params"]):
             # Reading state[p] of a defaultdict would create an entry; torch's optimizers create none.
@@ -144,13 +152,39 @@ def collect_regions(
                 continue
             if used:
                 regions.params.append(p)
-            blocking = Blocking.build(p.shape, group["block_size"], group["one_dim"])
+            full, blocking, places = param_blocking(p, group)
+            if isinstance(blocking, distributed.RowShard):
+                regions.shards[p] = shard = blocking
+                full, blocking, places = shard.full, shard.local, shard.places
             if used and p in state:
                 check_state(state[p], p, blocking, group, f"parameter {p_index} of group {g_index}", False)
-            for r_index in range(len(blocking.regions)):
-                regions.entries.append(RegionEntry(g_index, p_index, p, blocking, r_index, used))
+            region_ordinals = [ordinal]
+            for region in full.regions:
+                region_ordinals.append(region_ordinals[-1] + len(full.sides(region)) * region.count)
+            for r_index, place in enumerate(places):
+                if place is None:  # a shard's blocks that are no full blocks: any numbers will do
+                    start, stride = region_ordinals[0] + r_index, blocking.regions[r_index].count
+                else:
+                    start = region_ordinals[place[0]] + place[1]
+                    stride = full.regions[place[0]].count
+                regions.entries.append(
+                    RegionEntry(g_index, p_index, p, blocking, r_index, used, start, stride)
+                )
+            ordinal = region_ordinals[-1]
     regions.fingerprint.append(signature(groups))
     return regions
+
+
+def param_blocking(
+    p: torch.Tensor, group: dict[str, Any]
+) -> tuple[Blocking, Blocking | distributed.RowShard, list[tuple[int, int] | None]]:
+    """The blocking of a plain parameter as ``(blocking, blocking, places)`` (each region is its own
+    place), or for a DTensor its :class:`~dash_shampoo.distributed.RowShard` in the middle."""
+    if distributed.is_dtensor(p):
+        shard = distributed.row_shard(p, group["block_size"], group["one_dim"])
+        return shard.full, shard, shard.places
+    blocking = Blocking.build(p.shape, group["block_size"], group["one_dim"])
+    return blocking, blocking, [(r, 0) for r in range(len(blocking.regions))]
 
 
 def check_saved_state(
@@ -167,10 +201,32 @@ def check_saved_state(
         check_group(options)
         for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
             if index in saved and p.numel() > 0:
-                blocking = Blocking.build(p.shape, options["block_size"], options["one_dim"])
+                blocking = param_blocking(p, options)[1]
+                if isinstance(blocking, distributed.RowShard):
+                    blocking = blocking.local
                 check_state(
                     saved[index], p, blocking, options, f"parameter {p_index} of group {g_index}", True
                 )
+
+
+def localize_saved_state(
+    saved: dict[int, dict[str, Any]],
+    saved_groups: list[dict[str, Any]],
+    groups: list[dict[str, Any]],
+    defaults: dict[str, Any],
+) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """``saved`` with the entry of every DTensor parameter replaced by this rank's rows
+    (:func:`import_sharded_state`); also the names of the parameters whose factors restart."""
+    out, restarted = dict(saved), []
+    for g_index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
+        options = {**defaults, **saved_group}
+        check_group(options)
+        for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
+            if index in saved and distributed.is_dtensor(p):
+                out[index], reset = import_sharded_state(saved[index], p, options)
+                if reset:
+                    restarted.append(f"parameter {p_index} of group {g_index} (shape {tuple(p.shape)})")
+    return out, restarted
 
 
 def check_state(
@@ -197,9 +253,8 @@ def check_state(
         )
     kinds = elementwise_kinds(group)
     for r, region in enumerate(blocking.regions):
-        expected = {f"{kind}.{r}": (region.count, *region.block) for kind in kinds}
-        for side, size in blocking.sides(region):
-            expected[f"{side}.{r}"] = expected[f"{side}_root.{r}"] = (region.count, size, size)
+        shapes = region_shapes(blocking, r, kinds)
+        expected = {f"{kind}.{r}": (region.count, *shape) for kind, shape in shapes.items()}
         for key, shape in expected.items():
             if key not in entry:
                 if complete:
@@ -217,6 +272,98 @@ def check_state(
                     f"but block_size {group['block_size']} gives {shape}; load it with the block_size it "
                     "was saved with, into a parameter of the shape it was saved for"
                 )
+
+
+def region_shapes(blocking: Blocking, r: int, kinds: list[str]) -> dict[str, tuple[int, ...]]:
+    """The state tensors of region ``r``: key prefix -> shape of one block's tensor."""
+    region = blocking.regions[r]
+    shapes: dict[str, tuple[int, ...]] = {kind: region.block for kind in kinds}
+    for side, size in blocking.sides(region):
+        shapes[side] = shapes[f"{side}_root"] = (size, size)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# The state of a DTensor parameter in a state dict
+# ---------------------------------------------------------------------------------------------
+
+
+def export_sharded_state(entry: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> tuple[dict, bool]:
+    """The state dict entry of DTensor parameter ``p`` (its state ``entry`` holds this rank's rows).
+
+    When its shards are exact (:class:`~dash_shampoo.distributed.RowShard`), every region tensor of
+    the full parameter becomes a DTensor over ``p``'s mesh, so the entry has the one-process layout
+    (``left.0``, ...) and ``torch.distributed.checkpoint`` reshards it. Otherwise the elementwise
+    state is saved in ``p``'s own shape and placements (``grad_ema``, ``moment``, ``momentum``),
+    which reshards too, and the factors are not saved. Returns the entry and whether factors were
+    left out.
+    """
+    shard = distributed.row_shard(p, group["block_size"], group["one_dim"])
+    out = {key: entry[key] for key in PER_PARAMETER if key in entry}
+    kinds = elementwise_kinds(group)
+    if shard.exact:
+        held = {place[0]: r for r, place in enumerate(shard.places) if place is not None}
+        for g, region in enumerate(shard.full.regions):
+            for kind, shape in region_shapes(shard.full, g, kinds).items():
+                r = held.get(g)
+                local = entry[f"{kind}.{r}"] if r is not None else _zeros((0, *shape), p.device)
+                out[f"{kind}.{g}"] = distributed.as_dtensor(local, shard, (region.count, *shape))
+        return out, False
+    for kind in kinds:
+        if shard.local.regions:
+            local = shard.local.from_blocks([entry[f"{kind}.{r}"] for r in range(len(shard.local.regions))])
+        else:
+            local = _zeros(tuple(p.to_local().shape), p.device)
+        out[kind] = distributed.as_dtensor(local, shard, tuple(p.shape))
+    factors = any(shard.full.sides(region) for region in shard.full.regions)
+    return out, factors
+
+
+def import_sharded_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> tuple[dict, bool]:
+    """This rank's state of DTensor parameter ``p`` from a saved entry: one written by
+    :func:`export_sharded_state` (DTensors, as ``torch.distributed.checkpoint`` loads them, or the
+    full tensors of ``full_state_dict=True``) or by one process. Region tensors of the full layout
+    give this rank's rows where its blocks are the full parameter's; elementwise state saved per
+    element, or in a full layout with other blocks, is cut into this rank's blocks. Factors that
+    cannot be had so restart (zero factors, identity roots). Returns the entry and whether factors
+    restarted. Missing elementwise state stays missing (:func:`check_state` names it)."""
+    shard = distributed.row_shard(p, group["block_size"], group["one_dim"])
+    out = {key: saved[key] for key in PER_PARAMETER if key in saved}
+    kinds = elementwise_kinds(group)
+    per_element: dict[str, list[torch.Tensor]] = {}
+
+    def elementwise(kind: str) -> list[torch.Tensor] | None:
+        if kind not in per_element:
+            if kind in saved:
+                full = saved[kind]
+            elif all(f"{kind}.{g}" in saved for g in range(len(shard.full.regions))):
+                values = [saved[f"{kind}.{g}"] for g in range(len(shard.full.regions))]
+                if any(distributed.is_dtensor(v) for v in values):
+                    return None
+                full = shard.full.from_blocks(values)
+            else:
+                return None
+            first, count = shard.rows
+            rows = full.to_local() if distributed.is_dtensor(full) else full[first : first + count]
+            per_element[kind] = shard.local.to_blocks(rows)
+        return per_element[kind]
+
+    restarted = False
+    for r, region in enumerate(shard.local.regions):
+        place = shard.places[r]
+        for kind, shape in region_shapes(shard.local, r, kinds).items():
+            key = None if place is None else f"{kind}.{place[0]}"
+            if key is not None and key in saved:
+                out[f"{kind}.{r}"] = distributed.local_rows(saved[key], place[1], region.count)
+            elif kind in kinds:
+                blocks = elementwise(kind)
+                if blocks is not None:
+                    out[f"{kind}.{r}"] = blocks[r]
+            else:
+                make = _eyes if kind.endswith("_root") else _zeros
+                out[f"{kind}.{r}"] = make((region.count, *shape), p.device)
+                restarted = True
+    return out, restarted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +541,7 @@ def _plan_stacks(
     stacks: dict[tuple, Stack] = {}
     ordinals: dict[tuple[int, str], range] = {}
     blocks: dict[int, range] = {}
-    next_block = next_ordinal = 0
+    next_block = 0
     for entry in regions.entries:
         count, p = entry.count, entry.param
         pieces = [(k, 1) for k in range(count)] if stacking == "none" else [(0, count)]
@@ -407,10 +554,9 @@ def _plan_stacks(
             stacks[key].add(run)
             blocks[id(run)] = range(next_block + first, next_block + first + run_count)
             for s_index, (side, _) in enumerate(entry.sides):
-                start = next_ordinal + s_index * count + first
+                start = entry.ordinal + s_index * entry.stride + first
                 ordinals[id(run), side] = range(start, start + run_count)
         next_block += count
-        next_ordinal += len(entry.sides) * count
     return list(stacks.values()), ordinals, blocks
 
 

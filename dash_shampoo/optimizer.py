@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed, layout
 from ._checks import check_choice, check_number
+from .blocking import local_tensor
 from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
@@ -241,6 +242,7 @@ class DASH(Optimizer):
         self._checks = GroupChecks()
         self.skipped_steps = 0
         self.skipped_blocks = 0
+        self._warned_shards = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :class:`torch.optim.Optimizer`); its options are validated first."""
@@ -277,6 +279,7 @@ class DASH(Optimizer):
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("_checks", GroupChecks())
+        self.__dict__.setdefault("_warned_shards", False)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -317,6 +320,22 @@ class DASH(Optimizer):
         counters = {key: getattr(self, key) for key in COUNTERS}
         for group in local["param_groups"]:
             group.update(counters)
+        left_out = []
+        for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
+            if index in local["state"] and distributed.is_dtensor(p):
+                local["state"][index], factors_left_out = layout.export_sharded_state(
+                    local["state"][index], p, group
+                )
+                if factors_left_out:
+                    left_out.append(f"parameter {index} (shape {tuple(p.shape)})")
+        if left_out:
+            warnings.warn(
+                "DASH saves the factors of DTensor parameters only where every shard holds whole "
+                "blocks of the full parameter, as a DTensor of the full layout would hold them; for "
+                f"{', '.join(left_out)} it saves the elementwise state and the factors restart when "
+                "loaded (a block_size that divides every shard's rows avoids this)",
+                stacklevel=2,
+            )
         return local
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -329,7 +348,16 @@ class DASH(Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
         groups, counts = loaded_groups(saved_groups, self.param_groups, self.defaults, COUNTERS)
+        saved_state, restarted = layout.localize_saved_state(
+            saved_state, saved_groups, self.param_groups, self.defaults
+        )
         layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
+        if restarted:
+            warnings.warn(
+                f"the state dict has no factors for this rank's blocks of {', '.join(restarted)}: "
+                "their factors restart from zero (the elementwise state is loaded)",
+                stacklevel=2,
+            )
         self.param_groups = groups
         self.skipped_steps, self.skipped_blocks = counts[:2]
         self._failures = {torch.device("cpu"): torch.tensor(counts[2:])}
@@ -407,14 +435,15 @@ class DASH(Optimizer):
             if plan.exchange is not None:
                 plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
-        targets = {p: (p if p.is_contiguous() else p.contiguous()) for p in active}
+        shards = {p: local_tensor(p) for p in active}
+        targets = {p: (t if t.is_contiguous() else t.contiguous()) for p, t in shards.items()}
         updates = [self._direction(stack) for stack in plan.stacks]
         for stack, rows in overflowing:
             updates[plan.stacks.index(stack)].index_fill_(0, rows, 0.0)
         plan.apply(updates, targets, active)
         for p, target in targets.items():
-            if target is not p:
-                p.copy_(target)
+            if target is not shards[p]:
+                shards[p].copy_(target)
         plan.restore_rows(saved)
         return loss
 
@@ -422,13 +451,18 @@ class DASH(Optimizer):
         """A new layout for the parameters used now (the shares are re-planned from the full state)."""
         regions = layout.collect_regions(self.param_groups, self.state, active)
         distributed.check_same_everywhere(self._process_group, regions.fingerprint)
-        return layout.build(
-            self.param_groups,
-            self.state,
-            regions,
-            self.stacking,
-            *distributed.world(self._process_group),
-        )
+        # DTensor (FSDP2) parameters: each rank preconditions its own rows, so nothing is shared.
+        world = (0, 1) if regions.shards else distributed.world(self._process_group)
+        differ = [f"shape {tuple(p.shape)}" for p, shard in regions.shards.items() if not shard.same_blocks]
+        if differ and not self._warned_shards:
+            self._warned_shards = True
+            warnings.warn(
+                f"DASH blocks each rank's shard of a DTensor parameter; for {', '.join(differ)} the "
+                "shard boundaries cut through blocks of block_size, so the blocks and the update differ "
+                "from one process (a block_size that divides every shard's rows avoids this)",
+                stacklevel=3,
+            )
+        return layout.build(self.param_groups, self.state, regions, self.stacking, *world)
 
     def _check_gradients(self, plan: Layout) -> list[tuple[Stack, torch.Tensor]] | None:
         """None when a gradient is not finite on any process (the step is skipped, or raises);
@@ -525,7 +559,7 @@ class DASH(Optimizer):
     def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
         for group in self.param_groups:
             wd = group["weight_decay"]
-            params = [p for p in group["params"] if p in active]
+            params = [local_tensor(p) for p in group["params"] if p in active]
             if wd and params:
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
 
@@ -589,7 +623,8 @@ def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) 
     for lr in (group["lr"] for group in groups):
         if not (lr.device.type == "cpu" and bool(lr == 0) if isinstance(lr, torch.Tensor) else lr == 0):
             return False
-    return float(torch.stack([peak_abs(p.grad).float().cpu() for p in active]).max()) == 0.0
+    grads = [local_tensor(p.grad) for p in active]
+    return all(float(peak_abs(g)) == 0.0 for g in grads if g.numel() > 0)
 
 
 def _restore(key: str, value: Any, device: torch.device) -> Any:

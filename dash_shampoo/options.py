@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import distributed
 from ._checks import check_choice, check_number
 from .linalg.precision import PRECISIONS
 from .linalg.roots import EIGEN_FIXES, METHODS
@@ -108,27 +109,15 @@ _DEPENDENTS = {"root_method": ("matrix_root",)}
 
 
 def check_params(params: list[torch.Tensor]) -> None:
-    """Raise ``TypeError`` for a parameter DASH cannot step: complex, not floating-point, or a
-    DTensor (FSDP2 ``fully_shard`` or tensor parallelism: not supported yet)."""
+    """Raise for a parameter DASH cannot step: ``TypeError`` for complex or not floating-point,
+    ``ValueError`` for a DTensor not sharded by rows (:func:`~dash_shampoo.distributed.check_placements`)."""
     for index, p in enumerate(params):
         if p.is_complex():
             raise TypeError(f"DASH does not support complex parameters; got a parameter of dtype {p.dtype}")
         if not p.is_floating_point():
             raise TypeError(f"DASH needs floating-point parameters; got dtype {p.dtype}")
-        if _is_dtensor(p):
-            raise TypeError(
-                f"parameter {index} of the group is a DTensor (placements "
-                f"{getattr(p, 'placements', '?')}): DASH does not support FSDP2 or tensor-parallel "
-                "parameters yet; use DDP, or one process"
-            )
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
+        if distributed.is_dtensor(p):
+            distributed.check_placements(p, f"parameter {index} of the group")
 
 
 def check_group(group: dict[str, Any]) -> None:

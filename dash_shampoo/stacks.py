@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocking import Blocking
+from .blocking import Blocking, local_tensor
 from .preconditioner import due_rows
 
 
@@ -136,7 +136,7 @@ class Stack:
             if run.param.grad is None:
                 rows.zero_()
             else:
-                run.gather(run.param.grad, rows)
+                run.gather(local_tensor(run.param.grad), rows)
         if maximize:
             self.grad.neg_()
 

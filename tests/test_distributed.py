@@ -238,29 +238,3 @@ def test_object_gathers_work_without_numpy(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "keys ['grad_ema.0', 'left.0', 'left_root.0'," in done.stdout, done.stdout
-
-
-DTENSOR_SCRIPT = """
-import os, tempfile
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
-from dash_shampoo import DASH
-init = "file://" + os.path.join(tempfile.mkdtemp(), "init")
-dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
-mesh = init_device_mesh("cpu", (1,))
-param = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-try:
-    DASH([param], lr=0.1)
-except TypeError as error:
-    print(error)
-dist.destroy_process_group()
-"""
-
-
-def test_dtensor_parameters_are_refused_by_name():
-    result = subprocess.run(
-        [sys.executable, "-c", DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert "parameter 0 of the group is a DTensor (placements (Shard(dim=0),))" in result.stdout
-    assert "does not support FSDP2 or tensor-parallel parameters yet" in result.stdout

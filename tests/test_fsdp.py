@@ -1,0 +1,152 @@
+"""DASH under FSDP2 (``fully_shard``, DTensor parameters) on real gloo process groups.
+
+Each launch runs tests/fsdp_worker.py in a process session of its own with a timeout, so a hang
+fails the test (its ranks are killed) instead of stalling CI.
+
+Tolerances: with shards of whole blocks every block sees the same gradients, factors and
+power-iteration start vectors as in one process, on one thread per rank, so NDB (batch-invariant
+on the CPU) matches one process bitwise. With eigh the batch a root is computed in differs (one
+rank's stack vs the whole model's), and the CPU's batched eigh can round the last bits of a root
+differently by batch: 1e-6 absolute on parameters of size ~0.1 (a few float32 ulps, as in
+tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+
+
+def launch(world: int, names: list[str], out_dir: Path, timeout: float = 180) -> dict[str, list[dict]]:
+    """Run the scenarios on ``world`` gloo ranks; each scenario's per-rank results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(WORKER), str(world), str(out_dir), *names]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{world} ranks of {names} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    results = {}
+    for name in names:
+        per_rank = [torch.load(out_dir / f"{name}-{r}.pt", weights_only=False) for r in range(world)]
+        for result in per_rank:
+            assert "traceback" not in result, result.get("traceback")
+        results[name] = per_rank
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    return launch(2, ["equal", "unaligned", "dcp_save", "dcp_resume"], out), out
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory, two_ranks):
+    out = tmp_path_factory.mktemp("fsdp3")
+    shutil.copytree(two_ranks[1] / "dcp", out / "dcp")  # the 2-rank checkpoint resumes at 3
+    return launch(3, ["equal", "unaligned", "dcp_resume"], out)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, two_ranks):
+    out = tmp_path_factory.mktemp("fsdp1")
+    shutil.copytree(two_ranks[1] / "dcp", out / "dcp")
+    return launch(1, ["dcp_resume"], out)
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
+def test_shards_of_whole_blocks_give_the_one_process_update(ranks, request):
+    results = request.getfixturevalue(ranks)
+    results = results[0] if ranks == "two_ranks" else results
+    for result in results["equal"]:
+        for method, tolerance in (("ndb", 0.0), ("eigh", 1e-6)):
+            run = result[method]
+            assert run["warnings"] == []
+            assert run["stats"]["bytes_per_refresh"] == 0  # no exchange of DASH's own
+            for name, expected in run["reference"].items():
+                torch.testing.assert_close(run["params"][name], expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
+def test_shards_that_cut_blocks_run_finite_and_checkpoint_per_element(ranks, request):
+    results = request.getfixturevalue(ranks)
+    results = results[0] if ranks == "two_ranks" else results
+    for result in results["unaligned"]:
+        assert result["finite"]
+        assert all(change > 0 for change in result["moved"].values()), result["moved"]
+        messages = " ".join(result["warnings"])
+        assert "shard boundaries cut through blocks" in messages
+        assert "the factors restart when loaded" in messages
+        assert "their factors restart from zero" in messages
+        keys = result["saved_keys"]
+        assert "left.0" in keys["parts.a.weight"]  # whole blocks: the one-process layout
+        assert keys["parts.u.weight"] == ["grad_ema", "moment", "shape", "step"]  # per element
+        everything = ["grad_ema", "left", "left_root", "moment", "right", "right_root", "shape", "step"]
+        assert result["restored"]["a"] == everything
+        assert result["restored"]["u"] == ["grad_ema", "moment", "shape", "step"]  # factors restarted
+
+
+def test_distributed_checkpoint_saved_at_two_ranks_resumes_at_one_two_and_three(
+    two_ranks, three_ranks, one_rank
+):
+    uninterrupted = two_ranks[0]["dcp_save"][0]["params"]
+    resumed = {2: two_ranks[0]["dcp_resume"], 3: three_ranks["dcp_resume"], 1: one_rank["dcp_resume"]}
+    for world, results in resumed.items():
+        for result in results:
+            # DCP's state-initialising step (lr 0, zero gradients) did not count as a step.
+            assert result["steps_after_load"] == [3]
+            for name, expected in uninterrupted.items():
+                # NDB at every world size: bitwise (see the module docstring).
+                assert torch.equal(result["params"][name], expected), (world, name)
+
+
+def test_hsdp_replicas_and_shards_give_the_one_process_update(tmp_path):
+    (result, *others) = launch(4, ["hsdp"], tmp_path)["hsdp"]
+    assert result["placements"][0] == "(Replicate(), Shard(dim=0))"
+    for run in (result, *others):
+        for name, expected in run["reference"].items():
+            assert torch.equal(run["params"][name], expected), name
+
+
+def test_placements_other_than_row_shards_are_refused_by_name(tmp_path):
+    script = """
+import os, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from dash_shampoo import DASH
+init = "file://" + os.path.join(tempfile.mkdtemp(), "i")
+dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+ok = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+bad = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(1)]))
+try:
+    DASH([ok, bad], lr=0.1)
+except ValueError as error:
+    print(error)
+dist.destroy_process_group()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parameter 1 of the group is a DTensor with placements (Shard(dim=1),)" in done.stdout
+    assert "not Shard(dim=1) (tensor parallelism or partial sums)" in done.stdout
