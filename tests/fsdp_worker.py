@@ -201,6 +201,60 @@ def scenario_dcp_resume(rank: int, world: int, out_dir: str) -> dict:
     return {"params": full_params(model), "steps_after_load": steps}
 
 
+def scenario_full_state(rank: int, world: int, out_dir: str) -> dict:
+    """The full (unsharded) state: ``get_optimizer_state_dict(full_state_dict=True)`` gathers the
+    one-process state dict; it loads back with ``broadcast_from_rank0``, and a one-process DASH
+    state dict loads directly with ``load_state_dict`` on every rank."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = sharded(ALIGNED, mesh_1d())
+    optimizer = DASH(model.parameters(), **OPTIONS)
+    train(model, optimizer, range(1, 4), ALIGNED)
+    full = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    after_3 = {name: part.weight.detach().full_tensor() for name, part in model.parts.items()}
+
+    one = Model(ALIGNED)
+    one_optimizer = DASH(one.parameters(), process_group=False, **OPTIONS)
+    train(one, one_optimizer, range(1, 4), ALIGNED)
+    expected = one_optimizer.state_dict()["state"]
+    full_equal = rank != 0 or all(
+        torch.equal(full["state"][f"parts.{name}.weight"][key], value)
+        for index, name in enumerate(ALIGNED)
+        for key, value in expected[index].items()
+    )
+
+    def fresh() -> tuple[Model, DASH]:
+        resumed = sharded(ALIGNED, mesh_1d())
+        for name, part in resumed.parts.items():
+            local_shape, offset = compute_local_shape_and_global_offset(
+                part.weight.shape, part.weight.device_mesh, part.weight.placements
+            )
+            rows = after_3[name][offset[0] : offset[0] + local_shape[0]] if local_shape else after_3[name]
+            with torch.no_grad():
+                part.weight.to_local().copy_(rows)
+        return resumed, DASH(resumed.parameters(), **OPTIONS)
+
+    broadcast, broadcast_optimizer = fresh()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(broadcast, broadcast_optimizer, full if rank == 0 else {}, options=options)
+    train(broadcast, broadcast_optimizer, range(4, 7), ALIGNED)
+    direct, direct_optimizer = fresh()
+    direct_optimizer.load_state_dict(one_optimizer.state_dict())
+    train(direct, direct_optimizer, range(4, 7), ALIGNED)
+    return {
+        "full_equal": full_equal,
+        "broadcast": full_params(broadcast),
+        "direct": full_params(direct),
+        "reference": reference(ALIGNED, range(1, 7)),
+    }
+
+
 def scenario_hsdp(rank: int, world: int, out_dir: str) -> dict:
     """HSDP: a (replicas, shards) mesh, (Replicate, Shard(0)) placements."""
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))

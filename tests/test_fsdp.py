@@ -55,14 +55,14 @@ def launch(world: int, names: list[str], out_dir: Path, timeout: float = 180) ->
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    return launch(2, ["equal", "unaligned", "dcp_save", "dcp_resume"], out), out
+    return launch(2, ["equal", "unaligned", "dcp_save", "dcp_resume", "full_state"], out), out
 
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory, two_ranks):
     out = tmp_path_factory.mktemp("fsdp3")
     shutil.copytree(two_ranks[1] / "dcp", out / "dcp")  # the 2-rank checkpoint resumes at 3
-    return launch(3, ["equal", "unaligned", "dcp_resume"], out)
+    return launch(3, ["equal", "unaligned", "dcp_resume", "full_state"], out)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,17 @@ def test_distributed_checkpoint_saved_at_two_ranks_resumes_at_one_two_and_three(
             for name, expected in uninterrupted.items():
                 # NDB at every world size: bitwise (see the module docstring).
                 assert torch.equal(result["params"][name], expected), (world, name)
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "three_ranks"])
+def test_full_state_dict_is_the_one_process_state_and_loads_back(ranks, request):
+    results = request.getfixturevalue(ranks)
+    results = results[0] if ranks == "two_ranks" else results
+    for result in results["full_state"]:
+        assert result["full_equal"]  # gathered on rank 0: the one-process state dict, bitwise
+        for name, expected in result["reference"].items():
+            assert torch.equal(result["broadcast"][name], expected), name  # broadcast_from_rank0
+            assert torch.equal(result["direct"][name], expected), name  # one-process state dict
 
 
 def test_hsdp_replicas_and_shards_give_the_one_process_update(tmp_path):
