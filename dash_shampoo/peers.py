@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .blocking import local_tensor
+
 Shapes = Sequence[tuple[int, ...]]
 #: ``build(params, block_size, frequency, lr=LR)``: the peer's optimizer on ``params``.
 Builder = Callable[..., torch.optim.Optimizer]
@@ -241,7 +243,8 @@ def find(names: Sequence[str] | None) -> list[Peer]:
 
 
 def state_bytes(state: Any) -> int:
-    """Bytes of every distinct tensor reachable from ``state`` (dicts, lists, tuples, sets, objects)."""
+    """Bytes of every distinct tensor reachable from ``state`` (dicts, lists, tuples, sets, objects);
+    of a DTensor, this rank's shard."""
     seen_objects: set[int] = set()
     seen_tensors: set[tuple[int, int, torch.dtype, tuple[int, ...]]] = set()
     total = 0
@@ -249,6 +252,7 @@ def state_bytes(state: Any) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
+            item = local_tensor(item.detach())
             key = (item.data_ptr(), item.numel(), item.dtype, tuple(item.shape))
             if key not in seen_tensors:
                 seen_tensors.add(key)

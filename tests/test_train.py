@@ -273,6 +273,36 @@ def test_two_ranks_under_torchrun_then_resume_at_one(tmp_path: Path, cache_dir: 
     assert result["final_val_loss"] < result["evals"][0]["val_loss"] and result["root_failures"] == 0
 
 
+def test_fsdp_under_torchrun_resumes_bitwise_and_at_one(tmp_path: Path, cache_dir: Path) -> None:
+    """--parallel fsdp with 2 gloo ranks: the checkpoint (gathered to the one-process layout) resumes
+    under FSDP2 to the uninterrupted run's losses bitwise (block size 16 divides every shard's
+    rows), and finishes the run in one process."""
+    common = small_args(
+        cache_dir, "--optimizer", "dash", "--block-size", "16", "--precondition-frequency", "2"
+    )
+    common += ["--steps", "4", "--eval-every", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def fsdp(*extra: str) -> None:
+        command = [*torchrun, "-m", "dash_shampoo.train", *common, "--parallel", "fsdp", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "cut through blocks" not in done.stderr  # every shard holds whole blocks
+
+    checkpoint = tmp_path / "half.pt"
+    fsdp("--out", str(tmp_path / "whole"))
+    fsdp("--checkpoint", str(checkpoint), "--stop-after", "2", "--out", str(tmp_path / "half"))
+    fsdp("--resume", str(checkpoint), "--out", str(tmp_path / "resumed"))
+    whole, resumed = (
+        json.loads((tmp_path / d / "train-cpu.json").read_text())["results"][0] for d in ("whole", "resumed")
+    )
+    assert resumed["train_losses"] == whole["train_losses"] and len(whole["train_losses"]) == 4
+    saved = torch.load(checkpoint, weights_only=True)
+    assert isinstance(saved["optimizer"]["state"]["embedding.weight"]["left.0"], torch.Tensor)
+    assert trainer.main([*common, "--resume", str(checkpoint), "--out", str(tmp_path / "one")]) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizers and runtime helpers
 # ----------------------------------------------------------------------------------------------

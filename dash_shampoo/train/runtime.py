@@ -78,6 +78,71 @@ def setup_runtime(threads: int | None = None) -> Runtime:
     return Runtime(device, dist.get_rank(), dist.get_world_size(), owns_group)
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
+def parallelize(model: torch.nn.Module, runtime: Runtime, parallel: str) -> torch.nn.Module:
+    """The module to call for the loss: ``model`` itself with one rank; with several, wrapped in
+    ``DistributedDataParallel`` (``"ddp"``), or sharded in place by FSDP2's ``fully_shard``, each of
+    ``model.blocks`` and then the whole model (``"fsdp"``; its parameters become DTensors)."""
+    if runtime.world_size == 1:
+        return model
+    if parallel == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's whole state as one process would save it. Sharded by FSDP2:
+    gathered on the CPU with ``torch.distributed.checkpoint``'s ``get_*_state_dict`` (a collective:
+    every rank calls it; the optimizer state is keyed by parameter names). Else the plain
+    ``state_dict()`` of each (every rank holds all of it)."""
+    if not _sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
+        model, optimizer, options=options
+    )
+
+
+def load_full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, saved_optim: dict
+) -> None:
+    """Load what :func:`full_state` returned (by any parallelism) into ``model`` and ``optimizer``;
+    under FSDP2 every rank passes the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    by_name = any(isinstance(i, str) for group in saved_optim["param_groups"] for i in group["params"])
+    if _sharded(model):
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(saved)
+    if by_name:
+        options = StateDictOptions(full_state_dict=True) if _sharded(model) else None
+        set_optimizer_state_dict(model, optimizer, saved_optim, options=options)
+    else:
+        optimizer.load_state_dict(saved_optim)
+
+
 # ----------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ finishes in a few minutes on two CPU cores. The learning rates and the DASH conf
 defaults come from the sweep recorded in ``benchmarks/results/train-cpu.md``.
 
 With ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1``) the model is wrapped in
-``DistributedDataParallel`` (``nccl`` on CUDA, ``gloo`` on CPU), each rank draws its own batches,
-and DASH shares its preconditioner work over the ranks by itself.
+``DistributedDataParallel`` (``nccl`` on CUDA, ``gloo`` on CPU) and DASH shares its root refreshes
+over the ranks by itself, or with ``--parallel fsdp`` sharded by FSDP2's ``fully_shard`` (each
+block, then the model), and each rank preconditions its shard of every parameter. Each rank draws
+its own batches. Checkpoints hold the whole state as one process would save it (FSDP2 gathers it),
+so a run resumes under any parallelism and number of ranks.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from typing import Any
 
 import torch
 from torch.nn import Parameter
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from .. import DASH
@@ -43,9 +45,13 @@ from ..results import command_text, write_report
 from . import data as data_module
 from . import report
 from .runtime import (
+    PARALLEL,
     Progress,
     Runtime,
+    full_state,
     load_checkpoint,
+    load_full_state,
+    parallelize,
     peak_memory,
     reset_peak_memory,
     save_checkpoint,
@@ -209,6 +215,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=count, help="evaluate every K steps (default steps/10)")
     run.add_argument("--eval-batches", type=count, default=8, help="fixed validation batches per evaluation")
     run.add_argument("--log-every", type=count, default=10, help="progress line period when not a terminal")
+    run.add_argument(
+        "--parallel",
+        default="ddp",
+        choices=PARALLEL,
+        help="under torchrun: DistributedDataParallel (default) or FSDP2 fully_shard",
+    )
     run.add_argument("--checkpoint", type=Path, help="save model, optimizer, schedule and step here")
     run.add_argument("--resume", type=Path, help="continue from this checkpoint")
     run.add_argument("--stop-after", type=count, help="stop (and checkpoint) after this many steps")
@@ -357,7 +369,7 @@ def train_one(
     ``resume``; returns the run's measurements."""
     device = runtime.device
     model = Llama(config, torch.Generator().manual_seed(args.seed)).to(device)
-    trained = DistributedDataParallel(model) if runtime.world_size > 1 else model
+    trained = parallelize(model, runtime, args.parallel)
     optimizer = OPTIMIZERS[name].build(list(model.parameters()), lr, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps(args), args.steps))
     validation = data_module.val_batches(data, args.eval_batches, args.batch_size, config.seq_len)
@@ -372,8 +384,7 @@ def train_one(
     train_losses: list[float] = []
     opt_times: list[float] = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        load_full_state(model, optimizer, resume["model"], resume["optimizer"])
         schedule.load_state_dict(resume["scheduler"])
         step, train_time = resume["step"], resume["train_time"]
         evals, train_losses, opt_times = resume["evals"], resume["train_losses"], resume["opt_times"]
@@ -385,15 +396,16 @@ def train_one(
         progress.line(f"{name} step {step:5d}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}")
 
     def checkpoint() -> None:
-        if not runtime.main:  # rank 0 alone saves, as nanoGPT does: every rank holds the whole state
+        model_state, optimizer_state = full_state(model, optimizer)  # every rank (FSDP2 gathers)
+        if not runtime.main:  # rank 0 alone saves, as nanoGPT does
             return
         payload = {
             "optimizer_name": name,
             "options": resume_options(args),
             "step": step,
             "train_time": train_time,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": schedule.state_dict(),
             "evals": evals,
             "train_losses": train_losses,
@@ -454,8 +466,8 @@ def train_one(
         "tokens_per_s": tokens_per_step * len(opt_times) / train_time if train_time else float("nan"),
         "peak_memory_mib": memory,
         "peak_memory_kind": memory_kind,
-        # Every rank holds the whole state (as DDP keeps AdamW's).
-        "optimizer_state_mib": state_bytes(optimizer.state_dict()["state"]) / 2**20,
+        # Per rank: the whole state under DDP (as DDP keeps AdamW's), a shard's under FSDP2.
+        "optimizer_state_mib": state_bytes(optimizer.state) / 2**20,
         "root_failures": getattr(optimizer, "root_failures", 0),
         "skipped_steps": getattr(optimizer, "skipped_steps", 0),
         "evals": evals,
