@@ -20,6 +20,7 @@ when it starts later) but gets no stack rows until it is used.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,9 +215,9 @@ def localize_saved_state(
     saved_groups: list[dict[str, Any]],
     groups: list[dict[str, Any]],
     defaults: dict[str, Any],
-) -> tuple[dict[int, dict[str, Any]], list[str]]:
+) -> dict[int, dict[str, Any]]:
     """``saved`` with the entry of every DTensor parameter replaced by this rank's rows
-    (:func:`import_sharded_state`); also the names of the parameters whose factors restart."""
+    (:func:`import_sharded_state`), warning about the parameters whose factors restart."""
     out, restarted = dict(saved), []
     for g_index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
         options = {**defaults, **saved_group}
@@ -226,7 +227,32 @@ def localize_saved_state(
                 out[index], reset = import_sharded_state(saved[index], p, options)
                 if reset:
                     restarted.append(f"parameter {p_index} of group {g_index} (shape {tuple(p.shape)})")
-    return out, restarted
+    if restarted:
+        warnings.warn(
+            f"the state dict has no factors for this rank's blocks of {', '.join(restarted)}: their "
+            "factors restart from zero (the elementwise state is loaded)",
+            stacklevel=3,
+        )
+    return out
+
+
+def export_sharded_states(state: dict[int, dict[str, Any]], groups: Sequence[dict[str, Any]]) -> None:
+    """Replace, in a state dict's ``state``, the entry of every DTensor parameter by its saved form
+    (:func:`export_sharded_state`), warning about the parameters whose factors are left out."""
+    left_out = []
+    for index, (p, group) in enumerate((p, g) for g in groups for p in g["params"]):
+        if index in state and distributed.is_dtensor(p):
+            state[index], factors_left_out = export_sharded_state(state[index], p, group)
+            if factors_left_out:
+                left_out.append(f"parameter {index} (shape {tuple(p.shape)})")
+    if left_out:
+        warnings.warn(
+            "DASH saves the factors of DTensor parameters only where every shard holds whole blocks "
+            "of the full parameter, as a DTensor of the full layout would hold them; for "
+            f"{', '.join(left_out)} it saves the elementwise state and the factors restart when loaded "
+            "(a block_size that divides every shard's rows avoids this)",
+            stacklevel=3,
+        )
 
 
 def check_state(
@@ -478,6 +504,14 @@ def build(
     """Passes 2 to 4 over ``regions`` (from :func:`collect_regions`): ownership, the stacks and
     banks, and their buffers bound to ``state`` (which gains a ``step`` counter and the ``shape`` it
     was made for, for every used parameter)."""
+    differ = [f"shape {tuple(p.shape)}" for p, shard in regions.shards.items() if not shard.same_blocks]
+    if differ:
+        warnings.warn(
+            f"DASH blocks each rank's shard of a DTensor parameter; for {', '.join(differ)} the shard "
+            "boundaries cut through blocks of block_size, so the blocks and the update differ from one "
+            "process (a block_size that divides every shard's rows avoids this)",
+            stacklevel=4,
+        )
     ownership = plan_ownership(groups, regions, world_size)
     stacks, ordinals, blocks = _plan_stacks(regions, stacking)
     banks = _plan_banks(groups, stacks, ordinals, stacking)

@@ -144,7 +144,8 @@ class DASH(Optimizer):
             when ``torch.distributed`` is initialised). All must hold the same gradients (DDP) and
             keep the whole state; each refreshes the roots of its share of the blocks and the new
             roots are all-gathered (:mod:`dash_shampoo.distributed`), so :meth:`state_dict` on any
-            one rank is complete. ``False``: no sharing (each process refreshes every root).
+            one rank is complete. ``False``: no sharing (each process refreshes every root). With
+            FSDP2's DTensor parameters each process preconditions the rows it holds instead.
         communication: dtype of the exchanged roots: ``"fp32"`` (bf16 roots moved the parameters by
             65% of their change from the fp32 result, so it is not offered).
 
@@ -242,7 +243,6 @@ class DASH(Optimizer):
         self._checks = GroupChecks()
         self.skipped_steps = 0
         self.skipped_blocks = 0
-        self._warned_shards = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see :class:`torch.optim.Optimizer`); its options are validated first."""
@@ -279,7 +279,6 @@ class DASH(Optimizer):
         self.__dict__.setdefault("_failures", {})
         self.__dict__.setdefault("_root_hooks", OrderedDict())
         self.__dict__.setdefault("_checks", GroupChecks())
-        self.__dict__.setdefault("_warned_shards", False)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -308,9 +307,7 @@ class DASH(Optimizer):
         """How the work is shared (:func:`dash_shampoo.distributed.sharing_stats`; after a step)."""
         return distributed.sharing_stats(self._process_group, self._layout)
 
-    # ------------------------------------------------------------------------------------------
-    # state_dict
-    # ------------------------------------------------------------------------------------------
+    # --- state_dict ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state, per parameter and independent of stacking mode and world size; every
@@ -320,22 +317,7 @@ class DASH(Optimizer):
         counters = {key: getattr(self, key) for key in COUNTERS}
         for group in local["param_groups"]:
             group.update(counters)
-        left_out = []
-        for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
-            if index in local["state"] and distributed.is_dtensor(p):
-                local["state"][index], factors_left_out = layout.export_sharded_state(
-                    local["state"][index], p, group
-                )
-                if factors_left_out:
-                    left_out.append(f"parameter {index} (shape {tuple(p.shape)})")
-        if left_out:
-            warnings.warn(
-                "DASH saves the factors of DTensor parameters only where every shard holds whole "
-                "blocks of the full parameter, as a DTensor of the full layout would hold them; for "
-                f"{', '.join(left_out)} it saves the elementwise state and the factors restart when "
-                "loaded (a block_size that divides every shard's rows avoids this)",
-                stacklevel=2,
-            )
+        layout.export_sharded_states(local["state"], self.param_groups)
         return local
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -348,16 +330,8 @@ class DASH(Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
         groups, counts = loaded_groups(saved_groups, self.param_groups, self.defaults, COUNTERS)
-        saved_state, restarted = layout.localize_saved_state(
-            saved_state, saved_groups, self.param_groups, self.defaults
-        )
+        saved_state = layout.localize_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
         layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
-        if restarted:
-            warnings.warn(
-                f"the state dict has no factors for this rank's blocks of {', '.join(restarted)}: "
-                "their factors restart from zero (the elementwise state is loaded)",
-                stacklevel=2,
-            )
         self.param_groups = groups
         self.skipped_steps, self.skipped_blocks = counts[:2]
         self._failures = {torch.device("cpu"): torch.tensor(counts[2:])}
@@ -375,9 +349,7 @@ class DASH(Optimizer):
             if index in saved:
                 self.state[p] = {key: _restore(key, value, p.device) for key, value in saved[index].items()}
 
-    # ------------------------------------------------------------------------------------------
-    # step
-    # ------------------------------------------------------------------------------------------
+    # --- step ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -435,15 +407,14 @@ class DASH(Optimizer):
             if plan.exchange is not None:
                 plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
-        shards = {p: local_tensor(p) for p in active}
-        targets = {p: (t if t.is_contiguous() else t.contiguous()) for p, t in shards.items()}
+        shards = {p: local_tensor(p) for p in active}  # a DTensor's rows here
+        targets = {p: t if t.is_contiguous() else t.contiguous() for p, t in shards.items()}
         updates = [self._direction(stack) for stack in plan.stacks]
         for stack, rows in overflowing:
             updates[plan.stacks.index(stack)].index_fill_(0, rows, 0.0)
         plan.apply(updates, targets, active)
-        for p, target in targets.items():
-            if target is not shards[p]:
-                shards[p].copy_(target)
+        for p in [p for p, target in targets.items() if target is not shards[p]]:
+            shards[p].copy_(targets[p])
         plan.restore_rows(saved)
         return loss
 
@@ -451,17 +422,8 @@ class DASH(Optimizer):
         """A new layout for the parameters used now (the shares are re-planned from the full state)."""
         regions = layout.collect_regions(self.param_groups, self.state, active)
         distributed.check_same_everywhere(self._process_group, regions.fingerprint)
-        # DTensor (FSDP2) parameters: each rank preconditions its own rows, so nothing is shared.
+        # DTensor (FSDP2) parameters: each process preconditions its own rows, so nothing is shared.
         world = (0, 1) if regions.shards else distributed.world(self._process_group)
-        differ = [f"shape {tuple(p.shape)}" for p, shard in regions.shards.items() if not shard.same_blocks]
-        if differ and not self._warned_shards:
-            self._warned_shards = True
-            warnings.warn(
-                f"DASH blocks each rank's shard of a DTensor parameter; for {', '.join(differ)} the "
-                "shard boundaries cut through blocks of block_size, so the blocks and the update differ "
-                "from one process (a block_size that divides every shard's rows avoids this)",
-                stacklevel=3,
-            )
         return layout.build(self.param_groups, self.state, regions, self.stacking, *world)
 
     def _check_gradients(self, plan: Layout) -> list[tuple[Stack, torch.Tensor]] | None:
@@ -623,8 +585,8 @@ def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) 
     for lr in (group["lr"] for group in groups):
         if not (lr.device.type == "cpu" and bool(lr == 0) if isinstance(lr, torch.Tensor) else lr == 0):
             return False
-    grads = [local_tensor(p.grad) for p in active]
-    return all(float(peak_abs(g)) == 0.0 for g in grads if g.numel() > 0)
+    peaks = [peak_abs(g).float().cpu() for g in (local_tensor(p.grad) for p in active) if g.numel()]
+    return not peaks or float(torch.stack(peaks).max()) == 0.0
 
 
 def _restore(key: str, value: Any, device: torch.device) -> Any:
