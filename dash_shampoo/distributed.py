@@ -1,7 +1,8 @@
 """Sharing the preconditioner work across ranks: who computes which roots, and their exchange.
 
-This is the one module that knows about ranks. With data parallelism (DDP) every rank holds the
-same averaged gradients, so every rank can keep the whole optimizer state, as DDP keeps AdamW's:
+This is the one module that knows about ranks: DDP here, FSDP2's DTensor parameters at the end.
+With data parallelism (DDP) every rank holds the same averaged gradients, so every rank can keep
+the whole optimizer state, as DDP keeps AdamW's:
 each rank updates every factor and computes every block's direction (the cheap, per-step work),
 while the inverse roots (the expensive work, once per refresh) are split: each rank refreshes the
 roots of *its* blocks, and after the refreshes of a step the ranks all-gather the new roots
@@ -299,7 +300,8 @@ def sharing_stats(group: Any, layout: Layout | None) -> dict[str, Any]:
 # shard as rows of the full parameter's matrix view: the step needs no communication of its own,
 # and where the shard boundaries fall on block boundaries its blocks are the full parameter's
 # blocks, so the update is the one-process update. The state of a parameter is saved as DTensors
-# over the parameter's mesh, so torch.distributed.checkpoint can reshard it (:func:`export_state`).
+# over the parameter's mesh, so torch.distributed.checkpoint can reshard it
+# (:func:`dash_shampoo.layout.export_sharded_state`).
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -359,7 +361,8 @@ class RowShard:
             or None where the shard's blocks are not the full parameter's.
         exact: the region tensors of every rank are, in every mesh coordinate, exactly the rows a
             ``Shard(0)`` DTensor of the full region tensor would hold, so the state is saved in the
-            one-process layout and reshards; else it is saved per element (:func:`export_state`).
+            one-process layout and reshards; else it is saved per element
+            (:func:`dash_shampoo.layout.export_sharded_state`).
         mesh, placements: the parameter's device mesh and placements.
     """
 

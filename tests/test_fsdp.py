@@ -161,3 +161,39 @@ dist.destroy_process_group()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "parameter 1 of the group is a DTensor with placements (Shard(dim=1),)" in done.stdout
     assert "not Shard(dim=1) (tensor parallelism or partial sums)" in done.stdout
+
+
+@pytest.mark.parametrize("mesh_shape", [(1,), (2,), (3,), (4,), (2, 2), (2, 3)])
+@pytest.mark.parametrize("rows", [1, 5, 7, 20, 48])
+def test_shard_rows_are_the_rows_a_dtensor_holds(mesh_shape, rows):
+    """DASH's own chunk arithmetic (no process group needed) against DTensor's, for every coordinate."""
+    import itertools
+
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    from dash_shampoo.distributed import shard_rows
+
+    placements_list = [[Shard(0)] * len(mesh_shape)]
+    if len(mesh_shape) == 2:
+        placements_list.append([Replicate(), Shard(0)])
+    for placements in placements_list:
+        for coordinate in itertools.product(*(range(n) for n in mesh_shape)):
+            shape, offset = _compute_local_shape_and_global_offset(
+                (rows, 3), mesh_shape, list(coordinate), placements
+            )
+            first, count = shard_rows(rows, mesh_shape, coordinate, placements)
+            assert count == shape[0] and (count == 0 or first == offset[0])  # an empty shard has no place
+
+
+def test_a_shards_blocks_are_placed_among_the_full_blocks():
+    from dash_shampoo.blocking import Blocking
+
+    full = Blocking.build((40, 13), 7, "shampoo")  # regions: 5x1 (7,7), 5x1 (7,6), (5,7), (5,6)
+    shard = Blocking.build((12, 13), 7, "shampoo", full_shape=(40, 13))  # rows 28..40
+    assert shard.places_in(full, 28) == [(0, 4), (1, 4), (2, 0), (3, 0)]
+    assert Blocking.build((14, 13), 7, "shampoo", full_shape=(40, 13)).places_in(full, 14) == [(0, 2), (1, 2)]
+    cut = Blocking.build((20, 13), 7, "shampoo", full_shape=(40, 13))  # rows 20..40 cut a block
+    assert cut.places_in(full, 20) == [None, None, None, None]
+    one_row = Blocking.build((1, 20), 8, "shampoo", full_shape=(5, 20))
+    assert one_row.matrix_shape == (1, 20)  # a row of the matrix, not a vector
