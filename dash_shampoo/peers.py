@@ -268,3 +268,68 @@ def state_bytes(state: Any) -> int:
         elif hasattr(item, "__dict__") and not callable(item):
             stack.extend(vars(item).values())
     return total
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on the 2-D weights of the hidden layers and AdamW on the rest
+    (embeddings, output head, norms, biases), as Muon's authors recommend, as one optimizer.
+
+    Both optimizers share this object's ``param_groups`` (group 0 Muon's, group 1 AdamW's), so a
+    learning-rate scheduler scales both; ``state_dict`` holds both states.
+
+    Args:
+        hidden: the parameters Muon updates (2-D).
+        rest: the parameters AdamW updates.
+        lr: Muon's learning rate, used with Muon's default ``adjust_lr_fn`` (the original
+            ``lr · sqrt(max(1, rows/cols))`` scaling, under which Muon's own lr of about 0.02 is
+            right; ``"match_rms_adamw"`` would instead put it on AdamW's scale).
+        adamw_lr, betas, eps: AdamW's settings for ``rest``.
+        weight_decay: decoupled weight decay of both.
+    """
+
+    def __init__(
+        self,
+        hidden: list[torch.Tensor],
+        rest: list[torch.Tensor],
+        lr: float = 0.02,
+        adamw_lr: float = 3e-3,
+        betas: tuple[float, float] = BETAS,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay)
+        self.adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:1], self.param_groups[1:]
+
+    @property
+    def state(self) -> dict:  # type: ignore[override]
+        """Both optimizers' per-parameter state (read-only)."""
+        return {**self.muon.state, **self.adamw.state}
+
+    @state.setter
+    def state(self, value: Any) -> None:  # the base class sets an empty state; the inner ones hold it
+        pass
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step of both optimizers; returns the closure's loss (``None`` without closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
+import statistics
 import sys
 import textwrap
 from dataclasses import asdict
@@ -72,25 +73,28 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     memory_kind = results[0]["peak_memory_kind"] if results else ""
     note = " (cumulative over the runs of this process)" if memory_kind == "process peak RSS" else ""
+    lines += summary(results)
     lines += [
-        f"| optimizer | lr | steps | final val loss | val ppl | train time (s) | opt ms/step mean (median) "
-        f"| tokens/s | optimizer state (MiB) | {memory_kind} (MiB){note} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| optimizer | lr | seed | steps | final val loss | val ppl | train time (s) | opt ms/step mean "
+        f"(median) | tokens/s | optimizer state (MiB) | {memory_kind} (MiB){note} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         name = r["optimizer"] + (" (diverged)" if r["diverged"] else "")
         lines.append(
-            f"| {name} | {r['lr']:g} | {r['steps']} | {r['final_val_loss']:.4f} | {r['final_val_ppl']:.3f} "
+            f"| {name} | {r['lr']:g} | {r.get('seed', meta['settings']['seed'])} | {r['steps']} "
+            f"| {r['final_val_loss']:.4f} | {r['final_val_ppl']:.3f} "
             f"| {r['train_time_s']:.1f} | {r['opt_ms_mean']:.1f} ({r['opt_ms_median']:.1f}) "
             f"| {r['tokens_per_s']:,.0f} | {r['optimizer_state_mib']:.1f} | {r['peak_memory_mib']:.0f} |"
         )
-    for r in results:
+    for r in shown(results):
         if r["options"]:
             options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
             lines.append(
                 f"\n{r['optimizer']}: DASH({options}); root failures {r['root_failures']}, "
                 f"skipped steps {r['skipped_steps']}"
             )
+    results = shown(results)
     steps = sorted({e["step"] for r in results for e in r["evals"]})
     by_step = [{e["step"]: e["val_loss"] for e in r["evals"]} for r in results]
     lines += [
@@ -106,6 +110,38 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run of each optimizer drawn and tabled per evaluation: its best lr's first seed."""
+    first: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r.get("best", True) and r["optimizer"] not in first:
+            first[r["optimizer"]] = r
+    return list(first.values())
+
+
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """With an lr sweep or several seeds: per optimizer its best lr, the lrs tried and the final val
+    loss over the seeds at the best lr (mean, min and max); else nothing."""
+    if len({r["optimizer"] for r in results}) == len(results):
+        return []
+    lines = [
+        "Each optimizer at its best learning rate (by final validation loss of the first seed):",
+        "",
+        "| optimizer | best lr | lrs tried | seeds | final val loss mean | min | max | opt ms/step mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["optimizer"] for r in results):
+        runs = [r for r in results if r["optimizer"] == name]
+        best = [r for r in runs if r.get("best", True)]
+        losses, opt_ms = [r["final_val_loss"] for r in best], statistics.fmean(r["opt_ms_mean"] for r in best)
+        tried = ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in runs}))
+        lines.append(
+            f"| {name} | {best[0]['lr']:g} | {tried} | {len(best)} | {statistics.fmean(losses):.4f} "
+            f"| {min(losses):.4f} | {max(losses):.4f} | {opt_ms:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def plot(document: dict[str, Any], path: Path) -> bool:
     """Draw ``path``: val loss vs step and vs training wall time, one line per optimizer, of a
     document of :func:`finite` ``{**metadata, "results": results}``; False without matplotlib."""
@@ -117,7 +153,7 @@ def plot(document: dict[str, Any], path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)", file=sys.stderr)
         return False
-    results = document["results"]
+    results = shown(document["results"])
     figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for r in results:
         evals = [e for e in r["evals"] if e["val_loss"] is not None]  # None: not finite

@@ -22,6 +22,7 @@ so a run resumes under any parallelism and number of ranks.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import shlex
 import statistics
@@ -33,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import Parameter
 from torch.optim import Optimizer
 
 from .. import DASH
 from ..linalg import METHODS, PRECISIONS, SCALINGS
 from ..models import SIZES, Llama, ModelConfig, model_config
 from ..optimizer import STACKINGS
-from ..peers import state_bytes
+from ..peers import MuonWithAdamW, state_bytes
 from ..results import command_text, write_report
 from . import data as data_module
 from . import report
@@ -59,6 +59,8 @@ from .runtime import (
 )
 
 DEFAULT_COMPARE = ("adamw", "dash")
+SWEEP_FACTOR = 2.0  # --lr-sweep: neighbouring learning rates differ by this factor
+SWEEP_EXTENSIONS = 2  # ... and the grid grows outwards at most this many times
 BETAS = (0.9, 0.95)  # the paper's β₁ (gradient EMA) and β₂ (Adam / grafting second moment)
 EPS = 1e-8
 START_LR_FRACTION = 0.01  # warmup starts at lr/100 (the paper's OneCycleLR div_factor)
@@ -174,6 +176,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--seed", type=whole, default=0, help="seed of the initial weights and of the batches")
     train.add_argument(
+        "--lr-sweep",
+        action="store_true",
+        help=f"train each optimizer at lr/{SWEEP_FACTOR:g}, lr and lr*{SWEEP_FACTOR:g} (going on outwards "
+        "while the best is at an edge, at most twice) and compare each at its best validation loss",
+    )
+    train.add_argument(
+        "--seeds",
+        type=count,
+        default=1,
+        help="seeds from --seed on at each optimizer's (best) lr (default 1)",
+    )
+    train.add_argument(
         "--threads",
         type=count,
         help="torch CPU threads (default: 1 for the tiny model, whose small matmuls gain little from "
@@ -230,7 +244,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def learning_rates(args: argparse.Namespace) -> dict[str, float]:
     """The optimizers to train (``--optimizer``, or ``--compare``), each with its peak learning rate."""
-    names = [args.optimizer] if args.optimizer else args.compare or list(DEFAULT_COMPARE)
+    names = available([args.optimizer] if args.optimizer else args.compare or list(DEFAULT_COMPARE))
+    if not names:
+        raise ValueError("none of the optimizers asked for can be trained here (see the messages above)")
     rates = {name: OPTIMIZERS[name].default_lr for name in names}
     if isinstance(args.lr, float):
         return dict.fromkeys(rates, args.lr)
@@ -245,6 +261,8 @@ def check_combinations(args: argparse.Namespace, optimizers: int) -> None:
     """Reject options that cannot go together (each option checks its own value when parsed)."""
     if (args.checkpoint or args.resume) and optimizers > 1:
         raise ValueError("--checkpoint and --resume need a single optimizer (--optimizer NAME)")
+    if (args.checkpoint or args.resume) and (args.lr_sweep or args.seeds > 1):
+        raise ValueError("--checkpoint and --resume train one run: not with --lr-sweep or --seeds")
     if args.stop_after is not None and args.checkpoint is None:
         raise ValueError("--stop-after needs --checkpoint (where to save the stopped run)")
     if warmup_steps(args) > args.steps:
@@ -309,14 +327,37 @@ def dash_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def build_adamw(params: list[Parameter], lr: float, args: argparse.Namespace) -> Optimizer:
+def build_adamw(model: torch.nn.Module, lr: float, args: argparse.Namespace) -> Optimizer:
     """``torch.optim.AdamW`` with the paper's betas."""
-    return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay)
 
 
-def build_dash(params: list[Parameter], lr: float, args: argparse.Namespace) -> Optimizer:
+def build_dash(model: torch.nn.Module, lr: float, args: argparse.Namespace) -> Optimizer:
     """:class:`DASH` with the paper's betas and the DASH options (:func:`dash_options`)."""
-    return DASH(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay, **dash_options(args))
+    options = dash_options(args)
+    return DASH(model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay, **options)
+
+
+def build_muon(model: torch.nn.Module, lr: float, args: argparse.Namespace) -> Optimizer:
+    """``torch.optim.Muon`` on the blocks' 2-D weights, AdamW (at AdamW's default lr, on the same
+    schedule) on the embedding, head and norms (:class:`~dash_shampoo.peers.MuonWithAdamW`)."""
+    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.ndim == 2]
+    rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    return MuonWithAdamW(
+        hidden, rest, lr=lr, adamw_lr=OPTIMIZERS["adamw"].default_lr, betas=BETAS, eps=EPS,
+        weight_decay=args.weight_decay,
+    )  # fmt: skip
+
+
+def build_soap(model: torch.nn.Module, lr: float, args: argparse.Namespace) -> Optimizer:
+    """pytorch_optimizer's ``SOAP`` (the ``bench`` extra) with the paper's betas, DASH's refresh
+    period and largest preconditioned dimension the DASH block size."""
+    from pytorch_optimizer import SOAP
+
+    return SOAP(
+        model.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay,
+        precondition_frequency=args.precondition_frequency, max_precondition_dim=args.block_size,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -324,17 +365,21 @@ class OptimizerChoice:
     """An optimizer ``--optimizer`` and ``--compare`` can name.
 
     Attributes:
-        build: ``build(params, lr, args)`` makes the optimizer.
+        build: ``build(model, lr, args)`` makes the optimizer of ``model``'s parameters.
         default_lr: peak learning rate without ``--lr`` (the sweep of the module docstring).
+        requires: the module it needs beyond torch (None: none), checked before training.
     """
 
-    build: Callable[[list[Parameter], float, argparse.Namespace], Optimizer]
+    build: Callable[[torch.nn.Module, float, argparse.Namespace], Optimizer]
     default_lr: float
+    requires: str | None = None
 
 
 #: The optimizers the trainer can train, by name; adding one is a builder and an entry here.
 OPTIMIZERS: dict[str, OptimizerChoice] = {
     "adamw": OptimizerChoice(build_adamw, default_lr=3e-3),
+    "muon": OptimizerChoice(build_muon, default_lr=0.02),
+    "soap": OptimizerChoice(build_soap, default_lr=1e-2, requires="pytorch_optimizer"),
     "dash": OptimizerChoice(build_dash, default_lr=3e-3),
 }
 
@@ -370,7 +415,7 @@ def train_one(
     device = runtime.device
     model = Llama(config, torch.Generator().manual_seed(args.seed)).to(device)
     trained = parallelize(model, runtime, args.parallel)
-    optimizer = OPTIMIZERS[name].build(list(model.parameters()), lr, args)
+    optimizer = OPTIMIZERS[name].build(model, lr, args)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps(args), args.steps))
     validation = data_module.val_batches(data, args.eval_batches, args.batch_size, config.seq_len)
     eval_every = args.eval_every or max(1, args.steps // 10)
@@ -475,6 +520,51 @@ def train_one(
     }
 
 
+def train_runs(
+    name: str, lr: float, args: argparse.Namespace, train: Callable[[str, float, argparse.Namespace], dict]
+) -> list[dict[str, Any]]:
+    """Every run of optimizer ``name``: at ``lr`` (or, with ``--lr-sweep``, at each lr of the sweep,
+    each run marked ``best`` or not), then at the best lr with the other seeds of ``--seeds``."""
+    runs: dict[float, dict[str, Any]] = {}
+
+    def at(rate: float) -> None:
+        runs[rate] = {**train(name, rate, args), "seed": args.seed}
+
+    for rate in (lr / SWEEP_FACTOR, lr, lr * SWEEP_FACTOR) if args.lr_sweep else (lr,):
+        at(rate)
+    for _ in range(SWEEP_EXTENSIONS if args.lr_sweep else 0):
+        rates = sorted(runs)
+        best = min(rates, key=lambda rate: _score(runs[rate]))
+        if best not in (rates[0], rates[-1]):
+            break
+        at(best / SWEEP_FACTOR if best == rates[0] else best * SWEEP_FACTOR)
+    best = min(runs, key=lambda rate: _score(runs[rate]))
+    for run in runs.values():
+        run["best"] = run["lr"] == best
+    seeds = [
+        {**train(name, best, argparse.Namespace(**{**vars(args), "seed": seed})), "seed": seed, "best": True}
+        for seed in range(args.seed + 1, args.seed + args.seeds)
+    ]
+    return [*sorted(runs.values(), key=lambda run: run["lr"]), *seeds]
+
+
+def _score(run: dict[str, Any]) -> float:
+    loss = run["final_val_loss"]
+    return loss if not run["diverged"] and math.isfinite(loss) else math.inf
+
+
+def available(names: list[str]) -> list[str]:
+    """``names`` without the optimizers whose package is missing (each skipped with a message)."""
+    kept = []
+    for name in names:
+        module = OPTIMIZERS[name].requires
+        if module is not None and importlib.util.find_spec(module) is None:
+            print(f"skipping {name}: it needs {module} (pip install -e '.[bench]')", file=sys.stderr)
+            continue
+        kept.append(name)
+    return kept
+
+
 # ----------------------------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------------------------
@@ -522,7 +612,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        results = [train_one(name, lr, args, config, data, runtime, resume) for name, lr in rates.items()]
+        results = []
+        for name, lr in rates.items():
+            results += train_runs(
+                name, lr, args, lambda n, r, a: train_one(n, r, a, config, data, runtime, resume)
+            )
     finally:
         runtime.close()
     if not runtime.main:
