@@ -218,7 +218,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     [
         (
             ["--compare", "adamw,shampoo"],
-            "argument --compare: unknown optimizer 'shampoo'; choose from adamw, dash",
+            "argument --compare: unknown optimizer 'shampoo'; choose from adamw, muon, soap, dash",
         ),
         (["--optimizer", "shampoo"], "argument --optimizer: invalid choice: 'shampoo'"),
         (["--compare", "dash,dash"], "argument --compare: lists an optimizer twice: 'dash,dash'"),
@@ -315,19 +315,32 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_optimizer_factory_builds_each_name() -> None:
-    params = [torch.nn.Parameter(torch.randn(8, 6))]
-    assert list(trainer.OPTIMIZERS) == ["adamw", "dash"]  # no "shampoo": that is --stacking none
+    model = trainer.Llama(trainer.model_config("tiny", vocab_size=64, n_layer=1))
+    # no "shampoo": that is --stacking none
+    assert list(trainer.OPTIMIZERS) == ["adamw", "muon", "soap", "dash"]
     args = parse("--stacking", "none", "--block-size", "4", "--weight-decay", "0.1")
-    adamw = trainer.OPTIMIZERS["adamw"].build(params, 1e-3, args)
-    dash = trainer.OPTIMIZERS["dash"].build(params, 2e-3, args)
+    adamw = trainer.OPTIMIZERS["adamw"].build(model, 1e-3, args)
+    dash = trainer.OPTIMIZERS["dash"].build(model, 2e-3, args)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.1
     assert isinstance(dash, DASH) and dash.stacking == "none" and dash.defaults["block_size"] == 4
     assert dash.defaults["lr"] == 2e-3 and dash.defaults["betas"] == trainer.BETAS
+    muon = trainer.OPTIMIZERS["muon"].build(model, 0.02, args)
+    hidden = {id(p) for p in muon.muon.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in hidden}
+    assert names and all(name.startswith("blocks.") for name in names)  # embedding, head, norms: AdamW
+    assert len(hidden) + len(muon.adamw.param_groups[0]["params"]) == len(list(model.parameters()))
+    assert [g["lr"] for g in muon.param_groups] == [0.02, trainer.OPTIMIZERS["adamw"].default_lr]
+
+
+def test_an_optimizer_whose_package_is_missing_is_skipped(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name: None)
+    assert trainer.available(["adamw", "soap"]) == ["adamw"]
+    assert "skipping soap: it needs pytorch_optimizer" in capsys.readouterr().err
 
 
 def test_learning_rates_per_optimizer() -> None:
     defaults = {name: choice.default_lr for name, choice in trainer.OPTIMIZERS.items()}
-    assert trainer.learning_rates(parse()) == defaults
+    assert trainer.learning_rates(parse()) == {name: defaults[name] for name in trainer.DEFAULT_COMPARE}
     assert trainer.learning_rates(parse("--lr", "1e-3")) == {"adamw": 1e-3, "dash": 1e-3}
     assert trainer.learning_rates(parse("--lr", "dash=2e-3")) == {"adamw": defaults["adamw"], "dash": 2e-3}
     assert trainer.learning_rates(parse("--optimizer", "dash", "--lr", "4e-3")) == {"dash": 4e-3}
@@ -337,12 +350,18 @@ def test_learning_rates_per_optimizer() -> None:
 
 
 def test_progress_prints_every_few_steps_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
-    progress = runtime.Progress(enabled=True, every=2)
-    for step in range(1, 5):
-        progress.step(step, f"step {step}")
+    progress = runtime.Progress(enabled=True, every=2, tokens_per_step=100)
+    # Steps of 0.5 s; the optimizer takes 0.01 s, except 0.3 s on the refresh steps 2 and 3.
+    for step, opt in zip(range(1, 5), (0.01, 0.3, 0.3, 0.01)):
+        progress.step(step, 10, 0.5, opt, f"step {step}")
     progress.line("done")
     runtime.Progress(enabled=False, every=1).line("not on this rank")
-    assert capsys.readouterr().err.splitlines() == ["step 2", "step 4", "done"]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "step 2       200 tok/s  opt  155.0 ms mean (slowest 300)  ETA 0:04",
+        "step 4       200 tok/s  opt  155.0 ms mean (slowest 300)  ETA 0:03",
+        "done",
+    ]
 
 
 def test_single_process_runtime_and_peak_memory() -> None:

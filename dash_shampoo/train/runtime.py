@@ -149,29 +149,47 @@ def load_full_state(
 
 
 class Progress:
-    """One progress line on stderr: rewritten in place on a terminal, else printed every few steps.
+    """One progress line on stderr: a bar rewritten in place on a terminal, else a plain line every
+    few steps. Each line tells the optimizer's mean step time over the steps since the last line
+    (a refresh step, which is much slower, shows as the slowest), the token rate over them and the
+    time left at that rate.
 
     Args:
         enabled: False on the ranks that stay silent.
-        every: the step period of the printed line when stderr is not a terminal.
+        every: the step period of the printed line when stderr is not a terminal (and the window
+            of the means on one).
+        tokens_per_step: tokens trained per step (all ranks).
     """
 
-    def __init__(self, enabled: bool, every: int) -> None:
+    def __init__(self, enabled: bool, every: int, tokens_per_step: int = 0) -> None:
         self.enabled = enabled
         self.every = every
+        self.tokens_per_step = tokens_per_step
         self.tty = sys.stderr.isatty()
         self.open = False
+        self.window: list[tuple[float, float]] = []
 
-    def step(self, step: int, text: str) -> None:
-        """Show ``text`` for ``step`` (every step on a terminal, every ``every`` steps otherwise)."""
-        if not self.enabled:
+    def step(self, step: int, total: int, seconds: float, opt_seconds: float, text: str) -> None:
+        """Record a step that took ``seconds`` (``opt_seconds`` of them in ``optimizer.step()``) and
+        show ``text`` with the interval's figures (every step on a terminal, every ``every`` else)."""
+        self.window = [*self.window, (seconds, opt_seconds)][-self.every :]
+        if not self.enabled or not (self.tty or step % self.every == 0):
             return
+        mean = sum(s for s, _ in self.window) / len(self.window)
+        opt = [o for _, o in self.window]
+        left = int(mean * (total - step))
+        figures = (
+            f"{self.tokens_per_step / mean:8.0f} tok/s  opt {1000 * sum(opt) / len(opt):6.1f} ms mean "
+            f"(slowest {1000 * max(opt):.0f})  ETA {left // 60}:{left % 60:02d}"
+        )
         if self.tty:
-            sys.stderr.write("\r" + text + "\x1b[K")
+            done = 20 * step // max(total, 1)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (20 - done)}] {text}  {figures}\x1b[K")
             sys.stderr.flush()
             self.open = True
-        elif step % self.every == 0:
-            print(text, file=sys.stderr, flush=True)
+        else:
+            print(f"{text}  {figures}", file=sys.stderr, flush=True)
+            self.window = []
 
     def line(self, text: str) -> None:
         """Print ``text`` on a line of its own (after ending an in-place line)."""

@@ -421,7 +421,7 @@ def train_one(
     eval_every = args.eval_every or max(1, args.steps // 10)
     end = min(args.steps, args.stop_after or args.steps)
     tokens_per_step = args.batch_size * config.seq_len * runtime.world_size
-    progress = Progress(runtime.main, args.log_every)
+    progress = Progress(runtime.main, args.log_every, tokens_per_step)
     memory_reset = reset_peak_memory(device)
 
     step, train_time = 0, 0.0
@@ -481,11 +481,9 @@ def train_one(
         train_time += elapsed
         train_losses.append(loss_value)
         opt_times.append(opt_seconds)
-        progress.step(
-            step,
-            f"{name} step {step:5d}/{args.steps}  loss {loss_value:.4f}  lr {schedule.get_last_lr()[0]:.2e}  "
-            f"{tokens_per_step / elapsed:8.0f} tok/s  opt {1000 * opt_seconds:7.1f} ms",
-        )
+        lr_now = schedule.get_last_lr()[0]
+        text = f"{name} step {step:5d}/{args.steps}  loss {loss_value:.4f}  lr {lr_now:.2e}"
+        progress.step(step, args.steps, elapsed, opt_seconds, text)
         if not math.isfinite(loss_value):
             progress.line(f"{name}: training loss is {loss_value} at step {step}; stopping this run")
             diverged = True
