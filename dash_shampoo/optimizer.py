@@ -9,6 +9,7 @@ roots (:mod:`dash_shampoo.linalg`) and the sharing of work between processes
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections import OrderedDict, defaultdict
@@ -28,7 +29,7 @@ from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
 from .linalg.roots import EigenFix, Method, matrices_per_chunk
 from .linalg.scaling import Scaling, hashed_start_vectors
-from .options import GroupChecks, OneDim, check_group, check_params, loaded_groups
+from .options import GroupChecks, OneDim, check_group, check_keywords, check_params, loaded_groups
 from .preconditioner import (
     Grafting,
     accept_roots,
@@ -193,7 +194,9 @@ class DASH(Optimizer):
         seed: int = 0,
         process_group: Any = None,
         communication: Communication = "fp32",
+        **unknown: Any,  # refused with a hint (a peer's name for a DASH option, or a typo)
     ) -> None:
+        check_keywords(unknown, list(inspect.signature(DASH.__init__).parameters)[2:-1])
         defaults = dict(
             lr=lr,
             betas=betas,

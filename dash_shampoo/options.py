@@ -10,7 +10,8 @@ reading its value (which would synchronise with an accelerator).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -41,6 +42,15 @@ def _betas(group: dict[str, Any]) -> None:
         raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
     check_number("betas[0]", betas[0], low=0, high=1, high_open=True)
     check_number("betas[1]", betas[1], low=0, high=1, high_open=True)
+
+
+def _start_step(group: dict[str, Any]) -> None:
+    if group["start_preconditioning_step"] == -1:  # Distributed Shampoo's "the frequency"
+        raise ValueError(
+            "start_preconditioning_step must be in [1, inf]; got -1 (Distributed Shampoo's 'start at "
+            f"the frequency'): pass start_preconditioning_step={group['precondition_frequency']}"
+        )
+    check_number("start_preconditioning_step", group["start_preconditioning_step"], low=1, integer=True)
 
 
 def _flag(name: str) -> Callable[[dict[str, Any]], None]:
@@ -81,7 +91,7 @@ CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "block_size": _number("block_size", low=1, integer=True),
     "factor_beta": _number("factor_beta", low=0, high=1, low_open=True),
     "precondition_frequency": _number("precondition_frequency", low=1, integer=True),
-    "start_preconditioning_step": _number("start_preconditioning_step", low=1, integer=True),
+    "start_preconditioning_step": _start_step,
     "stagger": _flag("stagger"),
     "grafting": _choice("grafting", GRAFTINGS),
     "bias_correction": _flag("bias_correction"),
@@ -186,3 +196,44 @@ def _same(old: Any, new: Any) -> bool:
     if isinstance(old, torch.Tensor) or isinstance(new, torch.Tensor):
         return old is new
     return type(old) is type(new) and old == new
+
+
+#: Keywords of the peers (Meta's Distributed Shampoo, pytorch_optimizer's DASH/SOAP/Shampoo,
+#: heavyball) -> what DASH calls the same thing, and where the meaning differs.
+PEER_KEYWORDS: dict[str, str] = {
+    "max_preconditioner_dim": "block_size (Distributed Shampoo's block size)",
+    "max_precond_dim": "block_size (heavyball's largest preconditioned dimension)",
+    "max_precondition_dim": "block_size (pytorch_optimizer's largest preconditioned dimension)",
+    "epsilon": "root_eps (Distributed Shampoo's epsilon damps the factors; DASH's eps is the "
+    "grafting denominator)",
+    "matrix_eps": "root_eps",
+    "correct_bias": "bias_correction",
+    "use_bias_correction": "bias_correction",
+    "inverse_root_method": "root_method ('newton_db' is 'ndb', 'eigh' is 'eigh')",
+    "newton_steps": "root_steps",
+    "shampoo_beta": "factor_beta (the EMA of the factors; DASH's betas[1] is the grafting Adam's β₂)",
+    "grafting_beta": "betas[1] (the grafting Adam's β₂)",
+    "grafting_config": "grafting ('adam', 'adagrad', 'rmsprop', 'sgd' or 'none', with betas[1] and eps)",
+    "graft_type": "grafting",
+    "matrix_scaling": "scaling ('power' is 'power', 'frobenius' is 'fro')",
+    "power_iteration_steps": "scaling_steps",
+    "power_iteration_vectors": "num_vectors",
+    "preconditioning_compute_steps": "precondition_frequency",
+    "use_decoupled_weight_decay": "weight_decay (always decoupled)",
+    "weight_decouple": "weight_decay (always decoupled)",
+    "distributed_config": "process_group",
+}
+
+
+def check_keywords(unknown: dict[str, Any], known: Sequence[str]) -> None:
+    """Raise ``TypeError`` for keywords DASH does not take, naming DASH's equivalent of a peer's
+    keyword (:data:`PEER_KEYWORDS`) or the nearest of ``known``."""
+    if not unknown:
+        return
+    name = next(iter(unknown))
+    if name in PEER_KEYWORDS:
+        hint = f"; DASH calls it {PEER_KEYWORDS[name]}"
+    else:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TypeError(f"DASH got an unexpected keyword argument {name!r}{hint}")

@@ -437,3 +437,32 @@ def test_bf16_communication_is_refused_with_the_reason():
         ValueError, match="communication 'bf16' is not offered: the ranks exchange inverse roots"
     ):
         DASH([torch.zeros(2, 2, requires_grad=True)], communication="bf16")
+
+
+@pytest.mark.parametrize(
+    "keyword, hint",
+    [
+        ("max_preconditioner_dim", "DASH calls it block_size (Distributed Shampoo's block size)"),
+        ("max_precond_dim", "DASH calls it block_size"),
+        ("epsilon", "DASH calls it root_eps (Distributed Shampoo's epsilon damps the factors"),
+        ("correct_bias", "DASH calls it bias_correction"),
+        ("use_bias_correction", "DASH calls it bias_correction"),
+        ("shampoo_beta", "DASH calls it factor_beta"),
+        ("grafting_beta", "DASH calls it betas[1]"),
+        ("inverse_root_method", "DASH calls it root_method ('newton_db' is 'ndb'"),
+        ("newton_steps", "DASH calls it root_steps"),
+        ("matrix_eps", "DASH calls it root_eps"),
+        ("blok_size", "did you mean 'block_size'?"),
+    ],
+)
+def test_a_peers_keyword_names_dashs_equivalent(keyword, hint):
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(TypeError, match=f"DASH got an unexpected keyword argument '{keyword}'") as error:
+        DASH([param], **{keyword: 1})
+    assert hint in str(error.value)
+
+
+def test_distributed_shampoos_start_step_minus_one_says_what_to_pass():
+    param = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"got -1 .*pass start_preconditioning_step=20"):
+        DASH([param], start_preconditioning_step=-1, precondition_frequency=20)
