@@ -203,12 +203,20 @@ def scenario_layouts(rank: int, world: int, out_dir: str) -> dict:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
-    """Join the gloo group and run each named scenario, saving its result or its traceback."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    """Join the gloo group and run each named scenario of this module."""
+    run_scenarios(globals(), rank, world, init_file, out_dir, names)
+
+
+def run_scenarios(
+    scenarios: dict, rank: int, world: int, init_file: str, out_dir: str, names: list[str], **group: object
+) -> None:
+    """Join the gloo group (``group``: more ``init_process_group`` options) and run each named
+    ``scenario_<name>`` of ``scenarios``, saving its result or its traceback."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, **group)
     try:
         for name in names:
             try:
-                result = globals()[f"scenario_{name}"](rank, world, out_dir)
+                result = scenarios[f"scenario_{name}"](rank, world, out_dir)
             except Exception:
                 result = {"traceback": traceback.format_exc()}
             torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))

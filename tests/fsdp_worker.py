@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import traceback
 import warnings
 
 import torch
@@ -26,7 +25,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dash_shampoo import DASH
-from dash_shampoo.bench.dist import exit_without_finalizing
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_worker
 
 OPTIONS = dict(lr=1e-2, block_size=8, precondition_frequency=2, weight_decay=0.01)
 #: Rows that are multiples of the block size at 1, 2 and 3 ranks: the shards hold whole blocks.
@@ -274,24 +275,8 @@ def scenario_hsdp(rank: int, world: int, out_dir: str) -> dict:
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        for name in names:
-            try:
-                result = globals()[f"scenario_{name}"](rank, world, out_dir)
-            except Exception:
-                result = {"traceback": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"{name}-{rank}.pt"))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_without_finalizing()
+    timeout = datetime.timedelta(seconds=60)
+    dist_worker.run_scenarios(globals(), rank, world, init_file, out_dir, names, timeout=timeout)
 
 
 if __name__ == "__main__":
