@@ -332,6 +332,23 @@ def test_optimizer_factory_builds_each_name() -> None:
     assert [g["lr"] for g in muon.param_groups] == [0.02, trainer.OPTIMIZERS["adamw"].default_lr]
 
 
+def test_the_lr_sweep_goes_outwards_while_the_best_is_at_an_edge_then_adds_seeds() -> None:
+    calls = []
+
+    def train(name: str, lr: float, args: argparse.Namespace) -> dict:
+        calls.append((lr, args.seed))
+        loss = abs(math.log2(lr / 0.25)) + (0.1 if lr > 1 else 0)  # best at 0.25, diverges above 1
+        return {"optimizer": name, "lr": lr, "final_val_loss": loss, "diverged": lr > 1}
+
+    runs = trainer.train_runs("x", 1.0, parse("--lr-sweep", "--seeds", "3", "--seed", "5"), train)
+    # 0.5, 1, 2, then 0.25 (best at the low edge), then 0.125 (the second and last extension).
+    assert calls == [(0.5, 5), (1.0, 5), (2.0, 5), (0.25, 5), (0.125, 5), (0.25, 6), (0.25, 7)]
+    assert [r["lr"] for r in runs] == [0.125, 0.25, 0.5, 1.0, 2.0, 0.25, 0.25]
+    assert [r["best"] for r in runs] == [False, True, False, False, False, True, True]
+    assert [r["seed"] for r in runs] == [5, 5, 5, 5, 5, 6, 7]
+    assert trainer.train_runs("x", 0.25, parse(), train)[0]["lr"] == 0.25  # no sweep: one run
+
+
 def test_an_optimizer_whose_package_is_missing_is_skipped(monkeypatch, capsys) -> None:
     monkeypatch.setattr(trainer.importlib.util, "find_spec", lambda name: None)
     assert trainer.available(["adamw", "soap"]) == ["adamw"]

@@ -638,7 +638,8 @@ def run(args: argparse.Namespace) -> int:
         document = report.finite({**meta, "results": results})
         for path in write_report(stem, document, text, report.plot, default=str, allow_nan=False):
             print(f"wrote {path}", file=sys.stderr)
-    return 0 if not any(r["diverged"] for r in results) else 1
+    # A sweep's diverging edge is a finding; a diverged run at an optimizer's best lr is a failure.
+    return 0 if not any(r["diverged"] for r in results if r.get("best", True)) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
