@@ -406,7 +406,9 @@ class DASH(Optimizer):
         refreshed = [(bank, *self._refresh(bank, plan.root_options[bank.group_index])) for bank in plan.banks]
         due = [(bank, rows) for bank, rows, _ in refreshed if rows is not None]
         if due:  # the same in every process
-            self._count_failures([f for _, _, f in refreshed if f is not None], due[0][0].factors.device)
+            self._count_failures(
+                [f for _, _, f in refreshed if f is not None], plan, due[0][0].factors.device
+            )
             if plan.exchange is not None:
                 plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
@@ -511,13 +513,13 @@ class DASH(Optimizer):
         """This device's ``[root_failures, factor_resets]`` counts (int64, on the device)."""
         return self._failures.setdefault(device, torch.zeros(2, dtype=torch.int64, device=device))
 
-    def _count_failures(self, failed: list[torch.Tensor], device: torch.device) -> None:
+    def _count_failures(self, failed: list[torch.Tensor], plan: Layout, device: torch.device) -> None:
         """Add the roots this step refused (per bank refreshed here) to :attr:`root_failures`; with
         several processes all of theirs (one small all-reduce), so the counters agree everywhere."""
         total = torch.zeros((), dtype=torch.int64, device=device)
         for count in failed:
             total += count.to(device)
-        if self._layout.exchange is not None:
+        if plan.exchange is not None:
             total = distributed.all_reduce_sum(self._process_group, total)
         self._failure_counts(device)[0] += total
 
