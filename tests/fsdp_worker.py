@@ -32,6 +32,9 @@ import dist_worker
 OPTIONS = dict(lr=1e-2, block_size=8, precondition_frequency=2, weight_decay=0.01)
 #: Rows that are multiples of the block size at 1, 2 and 3 ranks: the shards hold whole blocks.
 ALIGNED = {"a": (48, 20), "b": (48,), "c": (96, 8)}
+#: Uneven shards (torch.chunk: 16 + 15 rows at 2 ranks, 16 + 16 + 14 at 3) that still start on
+#: block boundaries and end on the full parameter's bottom edge, so they hold whole blocks.
+UNEVEN_ALIGNED = {2: {"e": (31, 8)}, 3: {"e": (46, 8)}}
 #: Shards that cut through blocks (20 rows over 2 or 3 ranks; 5 rows over 3), and a (1, 24)
 #: parameter that FSDP leaves whole on rank 0.
 UNALIGNED = {"u": (20, 13), "v": (5, 16), "w": (1, 24)}
@@ -113,15 +116,17 @@ def mesh_1d():
 def scenario_equal(rank: int, world: int, out_dir: str) -> dict:
     """Shards of whole blocks: the same parameters as one process, for every solver."""
     out = {}
+    shapes = {**ALIGNED, **UNEVEN_ALIGNED.get(world, {})}
     for method in ("ndb", "eigh"):
-        model = sharded(ALIGNED, mesh_1d())
+        model = sharded(shapes, mesh_1d())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             optimizer = DASH(model.parameters(), root_method=method, **OPTIONS)
-            train(model, optimizer, range(1, 5), ALIGNED)
+            train(model, optimizer, range(1, 5), shapes)
         out[method] = {
             "params": full_params(model),
-            "reference": reference(ALIGNED, range(1, 5), root_method=method),
+            "local_rows": [p.to_local().shape[0] for p in model.parameters()],
+            "reference": reference(shapes, range(1, 5), root_method=method),
             "warnings": [str(w.message) for w in caught],
             "stats": optimizer.distribution_stats(),
         }

@@ -76,6 +76,8 @@ def one_rank(tmp_path_factory, two_ranks):
 def test_shards_of_whole_blocks_give_the_one_process_update(ranks, request):
     results = request.getfixturevalue(ranks)
     results = results[0] if ranks == "two_ranks" else results
+    rows = [result["ndb"]["local_rows"][-1] for result in results["equal"]]
+    assert rows == ([16, 15] if ranks == "two_ranks" else [16, 16, 14])  # uneven shards, whole blocks
     for result in results["equal"]:
         for method, tolerance in (("ndb", 0.0), ("eigh", 1e-6)):
             run = result[method]
