@@ -1,5 +1,6 @@
 """``dash-shampoo bench``: ``roots`` (the inverse-root solver study), ``step`` (one-process step timings
-against AdamW and the peers) and ``dist`` (multi-process step timings and bytes exchanged)."""
+against AdamW and the peers), ``dist`` (multi-process step timings and bytes exchanged) and ``gpu``
+(all of a lent GPU's checks in one command)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "roots": ("dash_shampoo.bench.roots", "inverse-root solver study: error and time per method"),
     "step": ("dash_shampoo.bench.step", "optimizer step time: AdamW, DASH modes and solvers, peers"),
     "dist": ("dash_shampoo.bench.dist", "step time per rank and bytes per step at 1, 2, 3 processes"),
+    "gpu": ("dash_shampoo.bench.gpu", "the lent GPU's whole check in a few minutes (--dry-run on a CPU)"),
 }
 
 
