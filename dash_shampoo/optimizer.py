@@ -310,7 +310,7 @@ class DASH(Optimizer):
         """How the work is shared (:func:`dash_shampoo.distributed.sharing_stats`; after a step)."""
         return distributed.sharing_stats(self._process_group, self._layout)
 
-    # --- state_dict ----------------------------------------------------------------------------
+    # --- state_dict and step --------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state, per parameter and independent of stacking mode and world size; every
@@ -351,8 +351,6 @@ class DASH(Optimizer):
         for index, p in zip(ids if ids is not None else range(len(params)), params):
             if index in saved:
                 self.state[p] = {key: _restore(key, value, p.device) for key, value in saved[index].items()}
-
-    # --- step ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -406,9 +404,8 @@ class DASH(Optimizer):
         refreshed = [(bank, *self._refresh(bank, plan.root_options[bank.group_index])) for bank in plan.banks]
         due = [(bank, rows) for bank, rows, _ in refreshed if rows is not None]
         if due:  # the same in every process
-            self._count_failures(
-                [f for _, _, f in refreshed if f is not None], plan, due[0][0].factors.device
-            )
+            failed = [f for _, _, f in refreshed if f is not None]
+            self._count_failures(failed, plan, due[0][0].factors.device)
             if plan.exchange is not None:
                 plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
