@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dash_shampoo import DASH, distributed
-from dash_shampoo.bench.dist import exit_without_finalizing
+from dash_shampoo.distributed import exit_without_finalizing
 
 OPTIONS = dict(
     lr=1e-2,

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..distributed import exit_without_finalizing
 from ..optimizer import DASH
 from ..peers import state_bytes
 from ..results import RunRecord, cpu_count, markdown_table, metadata_lines, ms, ratio, spread, write_report
@@ -262,22 +263,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, spec: dict[str,
         raise
     path.write_text(json.dumps(result))
     exit_without_finalizing()
-
-
-def exit_without_finalizing() -> None:
-    """End this spawned rank with exit code 0 now, skipping the interpreter's teardown.
-
-    Call it once the rank's results are on disk and its process group is destroyed. A gloo worker
-    thread can still hold the last collective's work (with tensors a Python object owned) for a
-    moment after the collective returns; if the interpreter is finalizing when the thread drops
-    it, the thread needs the GIL, is made to exit, and the process aborts ("terminate called
-    without an active exception"; core dump in ``~AsyncAllgatherWork``; seen in about 1 launch in
-    8 of the 2-rank tests; pytorch/pytorch PR 179291 describes it). The parent then kills the other
-    ranks, which may not have written their results yet.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
