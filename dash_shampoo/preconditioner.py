@@ -80,15 +80,17 @@ def block_norms(x: torch.Tensor) -> torch.Tensor:
 
     On an accelerator one reduction accumulating in float64 (no host synchronisation). On the CPU,
     whose float64 reduction of fp32 input is not vectorised (20x slower), the fp32 norm, and only
-    when some block's norm is not finite or below 2^-60 (deciding that costs no device sync there)
-    the norms of the blocks scaled by a power of two near their largest entry.
+    when some block's norm is not finite or below 2^-60 (deciding that costs no device sync there;
+    under ``torch.compile`` both are computed and the choice is made on the device) the norms of the
+    blocks scaled by a power of two near their largest entry.
     """
     if x.device.type != "cpu":
         return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float64)
     norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
-    if bool((norms < 2.0**-60).any()) or not bool(torch.isfinite(norms).all()):
-        return _scaled_block_norms(x)
-    return norms.double()
+    rescale = (norms < 2.0**-60).any() | ~torch.isfinite(norms).all()
+    if torch.compiler.is_compiling():  # the same choice, made on the device
+        return torch.where(rescale, _scaled_block_norms(x), norms.double())
+    return _scaled_block_norms(x) if bool(rescale) else norms.double()
 
 
 def _scaled_block_norms(x: torch.Tensor) -> torch.Tensor:

@@ -639,7 +639,8 @@ def root_matmuls(method: str, p: int, *, steps: int = 10, degree: int = 40) -> i
 
 def matrices_per_chunk(stacked: torch.Tensor, elements: int) -> int:
     """Matrices of an ``(N, m, n)`` stack per chunk: all ``N`` on an accelerator; on the CPU as many
-    as fit in ``elements`` per torch thread (at least one)."""
-    if stacked.device.type != "cpu":
+    as fit in ``elements`` per torch thread (at least one); all under ``torch.compile``, which fuses
+    the passes itself."""
+    if stacked.device.type != "cpu" or torch.compiler.is_compiling():
         return max(stacked.shape[0], 1)
     return max(1, elements * torch.get_num_threads() // (stacked.shape[-2] * stacked.shape[-1]))
