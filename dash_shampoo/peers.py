@@ -274,8 +274,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` on the 2-D weights of the hidden layers and AdamW on the rest
     (embeddings, output head, norms, biases), as Muon's authors recommend, as one optimizer.
 
-    Both optimizers share this object's ``param_groups`` (group 0 Muon's, group 1 AdamW's), so a
-    learning-rate scheduler scales both; ``state_dict`` holds both states.
+    Both optimizers share this object's ``param_groups`` (group 0 Muon's, group 1 AdamW's) and its
+    ``state``, so a learning-rate scheduler scales both and ``state_dict``/``load_state_dict`` are
+    :class:`torch.optim.Optimizer`'s own.
 
     Args:
         hidden: the parameters Muon updates (2-D).
@@ -300,16 +301,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay)
         self.adamw = torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        """Point both optimizers at this object's groups and state (again after a load)."""
         self.muon.param_groups, self.adamw.param_groups = self.param_groups[:1], self.param_groups[1:]
-
-    @property
-    def state(self) -> dict:  # type: ignore[override]
-        """Both optimizers' per-parameter state (read-only)."""
-        return {**self.muon.state, **self.adamw.state}
-
-    @state.setter
-    def state(self, value: Any) -> None:  # the base class sets an empty state; the inner ones hold it
-        pass
+        self.muon.state = self.adamw.state = self.state
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -322,14 +319,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.step()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
-        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+        super().load_state_dict(state_dict)
+        self._share()

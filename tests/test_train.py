@@ -157,7 +157,7 @@ def test_smoke_comparison_writes_results(tmp_path: Path, cache_dir: Path) -> Non
     assert (out / "train-cpu.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("name", ["dash", "adamw"])
+@pytest.mark.parametrize("name", ["dash", "adamw", "muon"])
 def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path: Path, cache_dir: Path, name: str) -> None:
     common = small_args(
         cache_dir, "--optimizer", name, "--steps", "6", "--eval-every", "3", "--precondition-frequency", "2"
