@@ -153,10 +153,9 @@ def collect_regions(
                 continue
             if used:
                 regions.params.append(p)
-            full, blocking, places = param_blocking(p, group)
-            if isinstance(blocking, distributed.RowShard):
-                regions.shards[p] = shard = blocking
-                full, blocking, places = shard.full, shard.local, shard.places
+            full, blocking, places, shard = param_blocking(p, group)
+            if shard is not None:
+                regions.shards[p] = shard
             if used and p in state:
                 check_state(state[p], p, blocking, group, f"parameter {p_index} of group {g_index}", False)
             region_ordinals = [ordinal]
@@ -178,55 +177,42 @@ def collect_regions(
 
 def param_blocking(
     p: torch.Tensor, group: dict[str, Any]
-) -> tuple[Blocking, Blocking | distributed.RowShard, list[tuple[int, int] | None]]:
-    """The blocking of a plain parameter as ``(blocking, blocking, places)`` (each region is its own
-    place), or for a DTensor its :class:`~dash_shampoo.distributed.RowShard` in the middle."""
+) -> tuple[Blocking, Blocking, list[tuple[int, int] | None], distributed.RowShard | None]:
+    """``(full blocking, this rank's blocking, places, shard)`` of a parameter: for a plain one the
+    same blocking twice, each region its own place and no shard; for a DTensor its
+    :class:`~dash_shampoo.distributed.RowShard`'s."""
     if distributed.is_dtensor(p):
         shard = distributed.row_shard(p, group["block_size"], group["one_dim"])
-        return shard.full, shard, shard.places
+        return shard.full, shard.local, shard.places, shard
     blocking = Blocking.build(p.shape, group["block_size"], group["one_dim"])
-    return blocking, blocking, [(r, 0) for r in range(len(blocking.regions))]
+    return blocking, blocking, [(r, 0) for r in range(len(blocking.regions))], None
 
 
-def check_saved_state(
-    saved: dict[int, dict[str, Any]],
-    saved_groups: list[dict[str, Any]],
-    groups: list[dict[str, Any]],
-    defaults: dict[str, Any],
-) -> None:
-    """Check each saved parameter state (by the saved groups' indices) against the parameter of
-    ``groups`` it loads into, with the saved group's options (:func:`check_state`, complete), before
-    anything is loaded. The groups must hold as many parameters as the saved ones."""
-    for g_index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
-        options = {**defaults, **saved_group}
-        check_group(options)
-        for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
-            if index in saved and p.numel() > 0:
-                blocking = param_blocking(p, options)[1]
-                if isinstance(blocking, distributed.RowShard):
-                    blocking = blocking.local
-                check_state(
-                    saved[index], p, blocking, options, f"parameter {p_index} of group {g_index}", True
-                )
-
-
-def localize_saved_state(
+def checked_saved_state(
     saved: dict[int, dict[str, Any]],
     saved_groups: list[dict[str, Any]],
     groups: list[dict[str, Any]],
     defaults: dict[str, Any],
 ) -> dict[int, dict[str, Any]]:
-    """``saved`` with the entry of every DTensor parameter replaced by this rank's rows
-    (:func:`import_sharded_state`), warning about the parameters whose factors restart."""
+    """``saved`` (a state dict's ``state``) ready to load into ``groups``, before anything is loaded:
+    the entry of every DTensor parameter replaced by this rank's rows (:func:`import_sharded_state`,
+    warning about the parameters whose factors restart), and each entry checked against the
+    parameter it loads into, with the saved group's options (:func:`check_state`, complete). The
+    groups must hold as many parameters as the saved ones."""
     out, restarted = dict(saved), []
     for g_index, (saved_group, group) in enumerate(zip(saved_groups, groups)):
         options = {**defaults, **saved_group}
         check_group(options)
         for p_index, (index, p) in enumerate(zip(saved_group["params"], group["params"])):
-            if index in saved and distributed.is_dtensor(p):
-                out[index], reset = import_sharded_state(saved[index], p, options)
+            if index not in saved or p.numel() == 0:
+                continue
+            name = f"parameter {p_index} of group {g_index}"
+            _, blocking, _, shard = param_blocking(p, options)
+            if shard is not None:
+                out[index], reset = import_sharded_state(saved[index], p, shard, options)
                 if reset:
-                    restarted.append(f"parameter {p_index} of group {g_index} (shape {tuple(p.shape)})")
+                    restarted.append(f"{name} (shape {tuple(p.shape)})")
+            check_state(out[index], p, blocking, options, name, True)
     if restarted:
         warnings.warn(
             f"the state dict has no factors for this rank's blocks of {', '.join(restarted)}: their "
@@ -345,15 +331,16 @@ def export_sharded_state(entry: dict[str, Any], p: torch.Tensor, group: dict[str
     return out, factors
 
 
-def import_sharded_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> tuple[dict, bool]:
-    """This rank's state of DTensor parameter ``p`` from a saved entry: one written by
+def import_sharded_state(
+    saved: dict[str, Any], p: torch.Tensor, shard: distributed.RowShard, group: dict[str, Any]
+) -> tuple[dict, bool]:
+    """This rank's state of DTensor parameter ``p`` (held as ``shard``) from a saved entry: one written by
     :func:`export_sharded_state` (DTensors, as ``torch.distributed.checkpoint`` loads them, or the
     full tensors of ``full_state_dict=True``) or by one process. Region tensors of the full layout
     give this rank's rows where its blocks are the full parameter's; elementwise state saved per
     element, or in a full layout with other blocks, is cut into this rank's blocks. Factors that
     cannot be had so restart (zero factors, identity roots). Returns the entry and whether factors
     restarted. Missing elementwise state stays missing (:func:`check_state` names it)."""
-    shard = distributed.row_shard(p, group["block_size"], group["one_dim"])
     out = {key: saved[key] for key in PER_PARAMETER if key in saved}
     kinds = elementwise_kinds(group)
     per_element: dict[str, list[torch.Tensor]] = {}

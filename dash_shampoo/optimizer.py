@@ -333,8 +333,7 @@ class DASH(Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
         groups, counts = loaded_groups(saved_groups, self.param_groups, self.defaults, COUNTERS)
-        saved_state = layout.localize_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
-        layout.check_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
+        saved_state = layout.checked_saved_state(saved_state, saved_groups, self.param_groups, self.defaults)
         self.param_groups = groups
         self.skipped_steps, self.skipped_blocks = counts[:2]
         self._failures = {torch.device("cpu"): torch.tensor(counts[2:])}
