@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..distributed import is_dtensor
+
 #: Version of the checkpoint layout; a checkpoint with another value is refused.
 CHECKPOINT_FORMAT = 1
 
@@ -98,7 +100,7 @@ def parallelize(model: torch.nn.Module, runtime: Runtime, parallel: str) -> torc
 
 
 def _sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -132,13 +134,13 @@ def load_full_state(
     )
 
     by_name = any(isinstance(i, str) for group in saved_optim["param_groups"] for i in group["params"])
-    if _sharded(model):
-        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True))
+    full = StateDictOptions(full_state_dict=True) if _sharded(model) else None
+    if full is not None:
+        set_model_state_dict(model, saved, options=full)
     else:
         model.load_state_dict(saved)
     if by_name:
-        options = StateDictOptions(full_state_dict=True) if _sharded(model) else None
-        set_optimizer_state_dict(model, optimizer, saved_optim, options=options)
+        set_optimizer_state_dict(model, optimizer, saved_optim, options=full)
     else:
         optimizer.load_state_dict(saved_optim)
 
