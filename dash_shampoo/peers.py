@@ -14,6 +14,7 @@ fit (:attr:`Peer.check`) becomes a row with the reason instead of a time; so doe
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +45,14 @@ class Peer:
             filled in).
         build: ``build(params, block_size, frequency, lr=LR)``, called after the import succeeded.
         check: optional ``check(shapes, block_size, device)`` returning a reason to skip, or None.
+        load: imports the package (default: ``import`` of the name's first part).
     """
 
     name: str
     settings: str
     build: Builder
     check: Callable[[Shapes, int, torch.device], str | None] | None = None
+    load: Callable[[], Any] | None = None
 
     def describe(self, block_size: int, frequency: int) -> str:
         """:attr:`settings` with the block size and frequency filled in."""
@@ -58,7 +61,10 @@ class Peer:
     def unavailable(self, shapes: Shapes, block_size: int, device: torch.device) -> str | None:
         """Why this peer cannot run here (import error, device, size), or None when it can."""
         try:
-            importlib.import_module(self.name.partition(".")[0])
+            if self.load is not None:
+                self.load()
+            else:
+                importlib.import_module(self.name.partition(".")[0])
         except Exception as error:  # ImportError, or a package that fails while importing
             return f"not installed ({type(error).__name__}: {error})"
         if self.check is not None:
@@ -133,30 +139,74 @@ def _heavyball(class_name: str) -> Builder:
     return build
 
 
-def _dash_gpu(
-    params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
-) -> torch.optim.Optimizer:
-    from ista_daslab_optimizers import (  # type: ignore[import-not-found]
-        DashConfig,
-        DashGpu,
-        DashInverseRootMethodType,
-        DashMatrixScalingType,
-    )
-
-    config = DashConfig(
-        block_size=block_size,
-        inv_root_freq=frequency,
-        inv_root_method=DashInverseRootMethodType.from_string("ndb"),
-        matrix_scaling_type=DashMatrixScalingType.from_string("pim"),
-        mu=0.0,
-    )
-    return DashGpu(params, lr=lr, weight_decay=0.0, config=config)
+#: The modules of the authors' package that need CUDA or a logger, and the names DASH's code uses.
+_AUTHORS_CUDA_ONLY = {
+    "ista_daslab_optimizers.utils.triton_kernels": ("update_dash_preconditioner",),
+    "ista_daslab_optimizers.utils.newton_schulz_triton": ("ns_line_1", "newton_schulz_triton"),
+}
 
 
-def _needs_cuda(shapes: Shapes, block_size: int, device: torch.device) -> str | None:
-    if device.type != "cuda":
-        return f"skipped: DashGpu needs CUDA (Triton kernels, bmm with out_dtype); device is {device.type}"
-    return None
+def authors_dash() -> Any:
+    """The authors' ``ista_daslab_optimizers.dash`` module, importable without CUDA.
+
+    Where the package imports as it is (a CUDA machine with its dependencies), that. Otherwise its
+    top-level ``__init__`` (which imports every optimizer of the package, with CUDA extensions and
+    ``wandb``) is skipped, its two Triton modules are replaced by stubs that raise if called (the
+    fp32 ``DashGpu`` step calls neither: factors by ``bmm``, NDB without ``out_dtype``) and
+    ``wandb`` is a no-op module during the import only (``DashGpu`` logs only on request).
+    """
+    try:
+        return importlib.import_module("ista_daslab_optimizers.dash")
+    except ImportError:
+        pass
+    import sys
+    import types
+
+    for name in [m for m in sys.modules if m.startswith("ista_daslab_optimizers")]:
+        del sys.modules[name]
+    spec = importlib.util.find_spec("ista_daslab_optimizers")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(
+            "ista_daslab_optimizers is not installed (pip install ista-daslab-optimizers --no-deps)"
+        )
+    package = types.ModuleType("ista_daslab_optimizers")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules[package.__name__] = package
+
+    def cuda_only(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this Triton kernel of the authors' package needs CUDA")
+
+    for module_name, names in _AUTHORS_CUDA_ONLY.items():
+        module = types.ModuleType(module_name)
+        module.__dict__.update(dict.fromkeys(names, cuda_only))
+        sys.modules[module_name] = module
+    had_wandb = "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None
+    if not had_wandb:
+        sys.modules["wandb"] = types.ModuleType("wandb")
+    try:
+        return importlib.import_module("ista_daslab_optimizers.dash")
+    finally:
+        if not had_wandb:
+            del sys.modules["wandb"]
+
+
+def _dash_gpu(method: str) -> Builder:
+    """A builder of the authors' ``DashGpu`` with root method ``method`` ("ndb" or "evd"), fp32."""
+
+    def build(
+        params: list[torch.Tensor], block_size: int, frequency: int, lr: float = LR
+    ) -> torch.optim.Optimizer:
+        dash = authors_dash()
+        config = dash.DashConfig(
+            block_size=block_size,
+            inv_root_freq=frequency,
+            inv_root_method=dash.DashInverseRootMethodType.from_string(method),
+            matrix_scaling_type=dash.DashMatrixScalingType.from_string("pim"),
+            mu=0.0,
+        )
+        return dash.DashGpu(params, lr=lr, weight_decay=0.0, config=config)
+
+    return build
 
 
 PEERS: tuple[Peer, ...] = (
@@ -217,9 +267,17 @@ PEERS: tuple[Peer, ...] = (
     ),
     Peer(
         "ista_daslab_optimizers.DashGpu",
-        "the authors' DashGpu: B={B}, F={F}, NDB, PI-multi scale (bf16), Adam grafting",
-        _dash_gpu,
-        _needs_cuda,
+        "the authors' DashGpu: B={B}, F={F}, NDB 10 steps, multi-vector power-iteration scale, "
+        "fp32 matmuls, Adam grafting, AdamW on 1-D parameters",
+        _dash_gpu("ndb"),
+        load=authors_dash,
+    ),
+    Peer(
+        "ista_daslab_optimizers.DashGpu-evd",
+        "the authors' DashGpu: B={B}, F={F}, eigendecomposition roots, fp32, Adam grafting, AdamW on "
+        "1-D parameters",
+        _dash_gpu("evd"),
+        load=authors_dash,
     ),
 )
 

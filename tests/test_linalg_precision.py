@@ -242,13 +242,18 @@ def _record_precisions(monkeypatch) -> list[str]:
     from dash_shampoo.linalg import roots
 
     calls: list[str] = []
-    real = roots.bmm
+    real, real_fused = roots.bmm, roots.baddbmm
 
     def spy(a, b, precision="fp32"):
         calls.append(precision)
         return real(a, b, precision)
 
-    monkeypatch.setattr(roots, "bmm", spy)  # the solvers' matmul
+    def spy_fused(c, a, b, beta, alpha, precision="fp32"):
+        calls.append(precision)
+        return real_fused(c, a, b, beta, alpha, precision)
+
+    monkeypatch.setattr(roots, "bmm", spy)  # the solvers' matmuls: plain and fused with an add
+    monkeypatch.setattr(roots, "baddbmm", spy_fused)
     return calls
 
 

@@ -13,6 +13,9 @@ below gives exactly those counts at block 1024: one ``(32000, 2048)`` embedding 
 two ``(5632, 2048)`` ``w1``-like matrices (2 × (22 + 2·512²)), two ``(2048, 5632)`` ``w2``-like
 matrices (2 × (22 + 2·512²)) and two ``(2048, 2048)`` ``wo``-like matrices (2 × 8). The RMSNorm
 vectors are left out (they would add ``(1024, 1)`` blocks that the comment does not count).
+
+``llama-21m`` is the set the kernel and byte counts are compared on (:mod:`dash_shampoo.bench.counts`):
+a Llama with separate ``q, k, v, o`` projections (21.0M parameters).
 """
 
 from __future__ import annotations
@@ -62,18 +65,37 @@ RANK_953M = ShapeSet(
         ("attention.wo.b", (2048, 2048)),
     ),
 )
+
+
+def _llama_21m() -> ShapeSet:
+    d, hidden, vocab = 512, 1376, 8192
+    layer = [(f"{name}", (d, d)) for name in ("wq", "wk", "wv", "wo")]
+    layer += [("w1", (hidden, d)), ("w3", (hidden, d)), ("w2", (d, hidden)), ("norm1", (d,)), ("norm2", (d,))]
+    shapes = [("embedding", (vocab, d))]
+    shapes += [(f"layer{i}.{name}", shape) for i in range(4) for name, shape in layer]
+    shapes += [("norm", (d,)), ("head", (vocab, d))]
+    return ShapeSet(
+        "llama-21m",
+        "Llama-style d=512, 4 layers, q/k/v/o 512×512 each, SwiGLU 1376, RMSNorm, vocab 8192, untied",
+        tuple(shapes),
+    )
+
+
+LLAMA_21M = _llama_21m()
+_NOT_MODELS = {s.name: s for s in (RANK_953M, LLAMA_21M)}
 #: Every set's name: the model sizes, then the sets that are not a model.
-SET_NAMES: tuple[str, ...] = (*SIZES, RANK_953M.name)
+SET_NAMES: tuple[str, ...] = (*SIZES, *_NOT_MODELS)
 
 
 def shape_set(name: str) -> ShapeSet:
-    """The set called ``name``: a model size of :data:`dash_shampoo.models.SIZES`, or ``953m-rank``.
+    """The set called ``name``: a model size of :data:`dash_shampoo.models.SIZES`, ``953m-rank`` or
+    ``llama-21m``.
 
     Raises:
         ValueError: unknown name.
     """
-    if name == RANK_953M.name:
-        return RANK_953M
+    if name in _NOT_MODELS:
+        return _NOT_MODELS[name]
     if name not in SIZES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(SET_NAMES)}")
     config = SIZES[name]

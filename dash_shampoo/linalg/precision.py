@@ -83,3 +83,21 @@ def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torc
     (one :func:`matmul` inside its own :func:`matmul_precision`)."""
     with matmul_precision(precision, a.device):
         return matmul(a, b, precision)
+
+
+def baddbmm(
+    c: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    beta: float,
+    alpha: float,
+    precision: Precision = "fp32",
+) -> torch.Tensor:
+    """``beta·c + alpha·(a @ b)`` with the product's inputs at ``precision`` (one fused kernel at fp32
+    and tf32; inside :func:`matmul_precision`, like :func:`matmul`)."""
+    cuda = a.device.type == "cuda"
+    if precision == "fp32" or (precision == "tf32" and cuda and a.dtype == torch.float32):
+        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    if cuda:
+        return torch.add(c * beta, matmul(a, b, precision), alpha=alpha)
+    return torch.baddbmm(c, round_to(a, precision), round_to(b, precision), beta=beta, alpha=alpha)

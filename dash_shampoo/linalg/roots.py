@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from .._checks import check_choice, check_number, check_stack
-from .precision import PRECISIONS, Precision, matmul_precision
+from .precision import PRECISIONS, Precision, baddbmm, matmul_precision
 from .precision import matmul as bmm
 from .scaling import SCALINGS, Scaling, _spectral_scale
 
@@ -54,21 +54,16 @@ def ridge(A: torch.Tensor, eps: float, relative_eps: float) -> float | torch.Ten
     return eps + relative_eps * mean_eigenvalue
 
 
-def _with_ridge(A: torch.Tensor, added: float | torch.Tensor) -> torch.Tensor:
-    """``A + r·I`` in the compute dtype, as a new tensor (the input is never modified)."""
-    X = A.to(_compute_dtype(A), copy=True)
-    if isinstance(added, torch.Tensor):
-        X.diagonal(dim1=-2, dim2=-1).add_(added[:, None])
-    elif added:
-        X.diagonal(dim1=-2, dim2=-1).add_(added)
-    return X
-
-
-def _power_of_two_scale(X: torch.Tensor, p: float) -> torch.Tensor:
+def _power_of_two_scale(diagonal: torch.Tensor, p: float) -> torch.Tensor:
     """Per matrix the exponent ``k`` of ``2^k`` near ``max_ij |X_ij|``, a multiple of ``p`` when ``p``
     is an integer: ``X / 2^k`` has entries of order one (no overflow or underflow in the iterations,
-    for inputs from 1e-38 to 3e38) and the root ``(X / 2^k)^(-1/p) · 2^(-k/p)`` is rescaled exactly."""
-    exponent = torch.frexp(X.abs().amax(dim=(-2, -1))).exponent.to(torch.int64).clamp(-120, 120)
+    for inputs from 1e-38 to 3e38) and the root ``(X / 2^k)^(-1/p) · 2^(-k/p)`` is rescaled exactly.
+
+    The largest entry of a PSD matrix is on its diagonal (``|X_ij| <= sqrt(X_ii X_jj)``), so only
+    the ``diagonal`` (N, n) is read (NaN and inf on it propagate; an indefinite input gets a scale
+    that is merely not tight)."""
+    exponent = torch.frexp(diagonal.abs().amax(dim=-1)).exponent
+    exponent = exponent.to(torch.int64).clamp(-120, 120)
     step = int(p) if float(p).is_integer() else 1
     return torch.div(exponent, step, rounding_mode="trunc") * step  # |k| <= 120: 2^±k is normal
 
@@ -80,8 +75,15 @@ def _power_per_matrix(x: torch.Tensor, exponent: float) -> torch.Tensor:
     return x.double().pow(exponent).to(x.dtype)
 
 
-def _symmetrize(X: torch.Tensor) -> torch.Tensor:
-    return (X + X.mT).mul_(0.5)
+def _symmetric(X: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``(X + Xᵀ)/2`` (times a per-matrix ``factor`` (N,)): exactly symmetric, in two passes."""
+    half = 0.5 if factor is None else (0.5 * factor)[:, None, None]
+    return torch.add(X, X.mT).mul_(half)
+
+
+#: What each solver returns: ``(R, c)`` whose root is ``c · (R + Rᵀ)/2`` (``c`` per matrix, or None
+#: for 1), so the last scalings and the symmetrisation are two passes in :func:`_solve`.
+Unfinished = tuple[torch.Tensor, torch.Tensor | None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,12 +91,16 @@ def _symmetrize(X: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def eigh_with_fallback(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def eigh_with_fallback(
+    A: torch.Tensor, *, assume_finite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched ``torch.linalg.eigh`` that reports failures per matrix instead of raising.
 
-    Non-finite matrices are replaced by the identity before the call. If the batched call raises,
-    the stack is retried in float64; if that raises too, each matrix is decomposed alone in float64
-    and the ones that still fail are replaced by the identity.
+    Non-finite matrices are replaced by the identity before the call (``assume_finite``: the
+    caller guarantees finite input; neither that pass nor the check of the eigenvectors is made, and
+    a failure shows in the eigenvalues alone: two full passes over the stack fewer). If the batched
+    call raises, the stack is retried in float64; if that raises too, each matrix is decomposed
+    alone in float64 and the ones that still fail are replaced by the identity.
 
     Returns:
         ``(eigenvalues (N, n), eigenvectors (N, n, n), failed (N,) bool)`` in ``A``'s dtype (fp32 for
@@ -102,9 +108,12 @@ def eigh_with_fallback(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         outputs.
     """
     X = A.to(_compute_dtype(A))
-    finite = torch.isfinite(X).flatten(1).all(dim=1)
-    X = torch.where(finite[:, None, None], X, _eye_like(X))
-    failed = ~finite
+    if assume_finite:
+        failed = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
+    else:
+        finite = torch.isfinite(X).flatten(1).all(dim=1)
+        X = torch.where(finite[:, None, None], X, _eye_like(X))
+        failed = ~finite
     try:
         values, vectors = torch.linalg.eigh(X)
     except RuntimeError:
@@ -113,7 +122,9 @@ def eigh_with_fallback(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         except RuntimeError:
             values, vectors, failed = _eigh_one_by_one(X.double(), failed)
         values, vectors = values.to(X.dtype), vectors.to(X.dtype)
-    failed = failed | ~torch.isfinite(values).all(dim=1) | ~torch.isfinite(vectors).flatten(1).all(dim=1)
+    failed = failed | ~torch.isfinite(values).all(dim=1)
+    if not assume_finite:
+        failed |= ~torch.isfinite(vectors).flatten(1).all(dim=1)
     return values, vectors, failed
 
 
@@ -132,47 +143,43 @@ def _eigh_one_by_one(
 
 
 def _eigh_root(
-    X: torch.Tensor, p: float, eps: float, added: float | torch.Tensor, eigen_fix: EigenFix
-) -> torch.Tensor:
+    A: torch.Tensor, p: float, eps: float, added: float | torch.Tensor, eigen_fix: EigenFix, finite: bool
+) -> Unfinished:
     """``A^(-1/p)`` by eigendecomposition of the ridged ``X = A + r·I``, eigenvalues treated first.
 
-    With ``λ`` the eigenvalues of ``X``, ``r`` the ridge (``added``: ``eps``, plus the relative part)
-    and ``A = Q diag(λ_A) Qᵀ``:
+    ``A`` itself is decomposed (``A + r·I`` has the same eigenvectors and eigenvalues ``λ_A + r``,
+    so no ridged copy of the stack is formed). With ``λ = λ_A + r`` the eigenvalues of ``X``, ``r``
+    the ridge (``added``: ``eps``, plus the relative part):
 
     - ``"shift"`` (Shampoo's treatment): ``λ ← λ − min(λ_min, 0) + eps``, so the smallest is at least
       ``eps`` (``eps`` is thus added twice to a PSD matrix, as in Distributed Shampoo and DASH).
-    - ``"pinv"``: pseudo-inverse root of ``A`` itself: eigenvalues ``λ_A = λ − r`` at or below
+    - ``"pinv"``: pseudo-inverse root of ``A`` itself: eigenvalues ``λ_A`` at or below
       ``max(r, n·ε_machine·λ_max)`` contribute zero instead of a huge value, and the kept ones
       are inverted without the ridge (``r`` serves only as the cut-off).
     - ``"abs"``: ``λ ← |λ_A| + r``.
 
-    Then ``A^(-1/p) = Q diag(λ^(-1/p)) Qᵀ``. Matrices whose decomposition fails come out as NaN
-    (see :func:`eigh_with_fallback`). With ``eps = 0`` a singular matrix gives non-finite entries
-    (``0^(-1/p) = inf``, and ``inf · 0 = NaN`` in the product with the eigenvectors) except with
-    ``"pinv"``.
+    Then ``A^(-1/p) = (Q diag(λ^(-1/p))) Qᵀ``. Matrices whose decomposition fails come out as NaN
+    (their weights are NaN; see :func:`eigh_with_fallback`, ``assume_finite=finite``). With
+    ``eps = 0`` a singular matrix gives non-finite entries (``0^(-1/p) = inf``, and ``inf · 0 = NaN``
+    in the product with the eigenvectors) except with ``"pinv"``.
     """
-    values, vectors, failed = eigh_with_fallback(X)
+    values, vectors, failed = eigh_with_fallback(A, assume_finite=finite)
     r = added[:, None] if isinstance(added, torch.Tensor) else added
     if eigen_fix == "shift":
+        values = values + r
         values = values - values.amin(dim=-1, keepdim=True).clamp_max(0) + eps
         weights = values.pow(-1.0 / p)
     elif eigen_fix == "abs":
-        weights = ((values - r).abs() + r).pow(-1.0 / p)
+        weights = (values.abs() + r).pow(-1.0 / p)
     else:
-        values = values - r
         n = values.shape[-1]
         cutoff = torch.maximum(
             n * torch.finfo(values.dtype).eps * values.amax(dim=-1, keepdim=True), torch.as_tensor(r)
         )
         keep = values > cutoff
         weights = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p), 0.0)
-    root = _symmetrize((vectors * weights[:, None, :]) @ vectors.mT)
-    return root.masked_fill_(failed[:, None, None], float("nan"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Iterations with a per-matrix stopping rule kept on the device
-# ---------------------------------------------------------------------------------------------
+    weights = weights.masked_fill(failed[:, None], float("nan"))
+    return (vectors * weights[:, None, :]) @ vectors.mT, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def _power(N: torch.Tensor, p: int, precision: Precision) -> torch.Tensor:
 
 def _newton_root(
     X: torch.Tensor, p: int, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
-) -> torch.Tensor:
+) -> Unfinished:
     """``X^(-1/p)`` by the coupled Newton iteration, for any integer ``p >= 1``.
 
     With ``z = (p + 1) / (2 s)``, start from ``X_0 = z^(1/p) I`` and ``M_0 = z X`` (eigenvalues in
@@ -258,7 +265,7 @@ def _newton_root(
         new_root = bmm(root, N, "fp32")
         new_M = bmm(_power(N, p, precision), M, precision)
         root, M = rule.update((new_root, root), (new_M, M))
-    return _symmetrize(root)
+    return root, None
 
 
 def _ndb_stage(
@@ -273,7 +280,8 @@ def _ndb_stage(
 
     ``E_k = (3 I − Z_k Y_k) / 2``, ``Y_{k+1} = Y_k E_k``, ``Z_{k+1} = E_k Z_k`` from ``Y_0 = B``,
     ``Z_0 = I`` (three matmuls a step, no inverse; the first step needs one, and the last skips the
-    product that is not wanted). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
+    product that is not wanted; ``Y E = 1.5·Y − 0.5·Y(ZY)`` is one ``baddbmm``, so ``E`` is never
+    formed). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
     Returns ``Y`` or ``Z`` as wanted, not yet rescaled.
     """
     Y = X / scale[:, None, None]
@@ -281,17 +289,20 @@ def _ndb_stage(
     for k in range(steps):
         ZY = Y if k == 0 else bmm(Z, Y, precision)
         rule.check(ZY)
-        E = _shifted_identity(ZY, -0.5, 1.5)
         last = k == steps - 1
-        new_Y = Y if last and want == "Z" else bmm(Y, E, precision)
-        new_Z = Z if last and want == "Y" else E if k == 0 else bmm(E, Z, precision)
+        # Y E and E Z with E = (3I − ZY)/2, each one fused product: 1.5·Y − 0.5·Y(ZY).
+        new_Y = Y if last and want == "Z" else baddbmm(Y, Y, ZY, 1.5, -0.5, precision)
+        if last and want == "Y":
+            new_Z = Z
+        else:
+            new_Z = _shifted_identity(Y, -0.5, 1.5) if k == 0 else baddbmm(Z, ZY, Z, 1.5, -0.5, precision)
         Y, Z = rule.update((new_Y, Y), (new_Z, Z))
     return Y if want == "Y" else Z
 
 
 def _ndb_root(
     X: torch.Tensor, p: int, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
-) -> torch.Tensor:
+) -> Unfinished:
     """``X^(-1/p)`` for ``p = 2^k`` by Newton–Denman–Beavers stages (see :func:`_ndb_stage`).
 
     ``p = 2``: one stage, ``X^(-1/2) = Z / sqrt(s)``. ``p = 2^k``: ``k − 1`` square-root stages
@@ -303,13 +314,12 @@ def _ndb_root(
     steps, precision = options.steps, options.precision
     for _ in range(max(int(math.log2(p)), 1) - 1):
         Y = _ndb_stage(X, scale, steps, _StoppingRule(X, options.tol, iterations), precision, "Y")
-        X = _symmetrize(Y * scale.sqrt()[:, None, None])
+        X = _symmetric(Y, scale.sqrt())
         scale = scale.sqrt()
     Z = _ndb_stage(X, scale, steps, _StoppingRule(X, options.tol, iterations), precision, "Z")
-    root = Z / scale.sqrt()[:, None, None]
     if p == 1:
-        root = bmm(root, root, "fp32")
-    return _symmetrize(root)
+        return bmm(Z, Z, "fp32"), 1 / scale
+    return Z, 1 / scale.sqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +350,7 @@ def chebyshev_coefficients(p: float, degree: int, lower: float, dtype: torch.dty
 
 def _chebyshev_root(
     X: torch.Tensor, p: float, scale: torch.Tensor, options: RootOptions, iterations: torch.Tensor | None
-) -> torch.Tensor:
+) -> Unfinished:
     """``(X + a·s·I)^(-1/p)`` by a degree-``d`` Chebyshev series, ``a = interval_lower`` (no iterations).
 
     With ``B = X / s`` (spectrum in ``[0, 1]`` when ``s >= λ_max``), the series approximates
@@ -359,13 +369,12 @@ def _chebyshev_root(
     b_next = _eye_like(X) * coefficients[-1]  # b_{k+1}, from b_d = c_d I
     b_after = torch.zeros_like(X)  # b_{k+2}
     for c in reversed(coefficients[1:-1]):
-        b_k = bmm(T, b_next, precision).mul_(2).sub_(b_after)
+        b_k = baddbmm(b_after, T, b_next, -1.0, 2.0, precision)
         b_k.diagonal(dim1=-2, dim2=-1).add_(c)
         b_after, b_next = b_next, b_k
     result = bmm(T, b_next, precision).sub_(b_after)
     result.diagonal(dim1=-2, dim2=-1).add_(coefficients[0])
-    result *= _power_per_matrix(scale, -1.0 / p)[:, None, None]
-    return _symmetrize(result)
+    return result, _power_per_matrix(scale, -1.0 / p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,8 +554,10 @@ def solve_inverse_root(
     start: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     iterations: torch.Tensor | None = None,
+    finite: bool = False,
 ) -> torch.Tensor:
-    """:func:`inverse_root` with options validated beforehand (see there for the arguments).
+    """:func:`inverse_root` with options validated beforehand (see there for the arguments);
+    ``finite``: the caller guarantees that every matrix of ``A`` is finite (fewer passes for eigh).
 
     On the CPU the stack is solved in chunks of :data:`CPU_CHUNK_ELEMENTS` per torch thread; on an
     accelerator in one batched call. The matmul precision is set once for the whole call.
@@ -561,16 +572,18 @@ def solve_inverse_root(
         raise TypeError(
             f"start must have shape (N, n, k) = ({A.shape[0]}, {A.shape[1]}, k); got {tuple(start.shape)}"
         )
-    result = torch.empty_like(A) if out is None else out
     if iterations is not None:
         iterations.zero_()
     size = matrices_per_chunk(A, CPU_CHUNK_ELEMENTS)
     with matmul_precision(options.precision, A.device):
+        if size >= A.shape[0] and out is None:
+            return _solve(A, p, options, generator, start, iterations, finite).to(A.dtype)
+        result = torch.empty_like(A) if out is None else out
         for first in range(0, A.shape[0], size):
             rows = slice(first, first + size)
             counts = None if iterations is None else iterations[rows]
             vectors = None if start is None else start[rows]
-            result[rows] = _solve(A[rows], p, options, generator, vectors, counts)
+            result[rows] = _solve(A[rows], p, options, generator, vectors, counts, finite)
     return result
 
 
@@ -581,22 +594,32 @@ def _solve(
     generator: torch.Generator | None,
     start: torch.Tensor | None,
     iterations: torch.Tensor | None,
+    finite: bool = False,
 ) -> torch.Tensor:
-    """One chunk: ridge, scale, the method's loop; the root in the compute dtype."""
+    """One chunk: ridge, scale, the method's loop; the root in the compute dtype.
+
+    ``finite``: the caller guarantees finite matrices (see :func:`eigh_with_fallback`).
+    """
     added = ridge(A, options.eps, options.relative_eps)
-    X = _with_ridge(A, added)
+    A = A.to(_compute_dtype(A))
     if options.method == "eigh":
-        return _eigh_root(X, p, options.eps, added, options.eigen_fix)
-    exponent = _power_of_two_scale(X, p)
-    X = torch.ldexp(X, -exponent[:, None, None])
+        R, factor = _eigh_root(A, p, options.eps, added, options.eigen_fix, finite)
+        return _symmetric(R, factor)
+    # X = (A + r·I) / 2^k: one pass over the stack (the ridge is added to the scaled diagonal).
+    diagonal = A.diagonal(dim1=-2, dim2=-1) + (added[:, None] if isinstance(added, torch.Tensor) else added)
+    exponent = _power_of_two_scale(diagonal, p)
+    X = torch.ldexp(A, -exponent[:, None, None])
+    X.diagonal(dim1=-2, dim2=-1).copy_(torch.ldexp(diagonal, -exponent[:, None]))
     scale = _spectral_scale(
-        X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator, start
+        X, options.scaling, options.scaling_steps, options.num_vectors, options.safety, generator, start, True
     )
     solver = {"newton": _newton_root, "ndb": _ndb_root, "chebyshev": _chebyshev_root}[options.method]
-    root = solver(X, p, scale, options, iterations)
+    R, factor = solver(X, p, scale, options, iterations)
     if float(p).is_integer():
-        return torch.ldexp(root, torch.div(-exponent, int(p), rounding_mode="trunc")[:, None, None])
-    return root * _power_per_matrix(torch.ldexp(torch.ones_like(scale), exponent), -1.0 / p)[:, None, None]
+        undo = torch.ldexp(torch.ones_like(scale), torch.div(-exponent, int(p), rounding_mode="trunc"))
+    else:
+        undo = _power_per_matrix(torch.ldexp(torch.ones_like(scale), exponent), -1.0 / p)
+    return _symmetric(R, undo if factor is None else factor * undo)
 
 
 def _check_like(name: str, value: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype) -> None:

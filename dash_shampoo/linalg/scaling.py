@@ -80,6 +80,21 @@ def power_iteration(
         Tensor of shape (N,) with lower bounds of ``λ_max`` (exact in the limit of many steps).
     """
     A, magnitude = _normalized(A)
+    return _power_iteration(A, steps, num_vectors, generator, start) * magnitude
+
+
+def _power_iteration(
+    A: torch.Tensor,
+    steps: int,
+    num_vectors: int,
+    generator: torch.Generator | None,
+    start: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`power_iteration` of a stack whose entries are at most about 1 in magnitude.
+
+    The columns are normalised after every second product: ``||A||₂ <= n``, so two products grow
+    them by at most ``n²`` (and start vectors of norm up to ``sqrt(n)`` need no normalising).
+    """
     n = A.shape[-1]
     if start is not None:
         V = start.to(A.dtype)
@@ -87,12 +102,15 @@ def power_iteration(
         if generator is None:
             generator = torch.Generator(device=A.device).manual_seed(0)
         V = torch.randn(A.shape[0], n, num_vectors, generator=generator, device=A.device, dtype=A.dtype)
-    V = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
-    for _ in range(steps):
+    tiny = torch.finfo(A.dtype).tiny
+    for k in range(steps):
         V = torch.bmm(A, V)
-        V = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        if k % 2 == 1 or k == steps - 1:
+            V = V / V.norm(dim=1, keepdim=True).clamp_min(tiny)
+    if steps == 0:
+        V = V / V.norm(dim=1, keepdim=True).clamp_min(tiny)
     quotients = (V * torch.bmm(A, V)).sum(dim=1)
-    return quotients.amax(dim=-1).clamp_min(0) * magnitude
+    return quotients.amax(dim=-1).clamp_min(0)
 
 
 def _normalized(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,18 +151,21 @@ def _spectral_scale(
     safety: float,
     generator: torch.Generator | None,
     start: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> torch.Tensor:
-    """:func:`spectral_scale` without the argument checks (for callers that validated them once)."""
+    """:func:`spectral_scale` without the argument checks (for callers that validated them once);
+    ``normalized``: the entries of ``A`` are at most about 1 (no pass to divide them by their peak)."""
     tiny = torch.finfo(A.dtype).tiny
+    if normalized:
+        magnitude: torch.Tensor | float = 1.0
+    else:
+        A, magnitude = _normalized(A)
     if method in ("fro", "bound"):
-        normalized, magnitude = _normalized(A)
-        scale = torch.linalg.matrix_norm(normalized, ord="fro")
+        scale = torch.linalg.matrix_norm(A, ord="fro")
         if method == "bound":
-            scale = torch.minimum(scale, normalized.abs().sum(dim=-1).amax(dim=-1))
+            scale = torch.minimum(scale, A.abs().sum(dim=-1).amax(dim=-1))
         scale = scale * magnitude
     else:
         vectors = 1 if method == "power" else num_vectors
-        scale = safety * power_iteration(
-            A, steps=steps, num_vectors=vectors, generator=generator, start=start
-        )
+        scale = safety * _power_iteration(A, steps, vectors, generator, start) * magnitude
     return scale.clamp_min(tiny)
