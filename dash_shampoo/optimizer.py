@@ -28,7 +28,7 @@ from .layout import Layout
 from .linalg import RootOptions, solve_inverse_root
 from .linalg.precision import Precision
 from .linalg.roots import EigenFix, Method, matrices_per_chunk
-from .linalg.scaling import Scaling, hashed_start_vectors
+from .linalg.scaling import Scaling
 from .options import GroupChecks, OneDim, check_group, check_keywords, check_params, loaded_groups
 from .preconditioner import (
     Grafting,
@@ -431,17 +431,23 @@ class DASH(Optimizer):
         """None when a gradient is not finite on any process (the step is skipped, or raises);
         else the blocks whose squares may overflow fp32: ``(stack, rows)`` pairs (usually none).
 
-        One reduction per stack, ``max|g|`` (NaN and inf propagate through it), brought to the host
-        in one transfer per device; only a stack whose peak could overflow ``g gᵀ`` is looked at
-        block by block.
+        One reduction per stack, brought to the host in one transfer per device (the step's one
+        host sync): ``max|g|`` on the CPU; on an accelerator the norm ``||g||`` of every stack in one
+        ``_foreach_norm`` (an upper bound of ``max|g|``, through which NaN and inf propagate; only
+        where it is not finite or could overflow ``g gᵀ`` is ``max|g|`` itself read). Only a stack
+        whose peak could overflow ``g gᵀ`` is looked at block by block.
         """
         by_device: dict[torch.device, list[Stack]] = {}
         for stack in plan.stacks:
             by_device.setdefault(stack.grad.device, []).append(stack)
         peaks: dict[int, float] = {}
-        for stacks in by_device.values():
-            values = torch.stack([peak_abs(stack.grad) for stack in stacks]).cpu().tolist()
-            peaks.update((id(stack), value) for stack, value in zip(stacks, values))
+        for device, stacks in by_device.items():
+            grads = [stack.grad for stack in stacks]
+            cpu = device.type == "cpu"
+            values = torch.stack(list(map(peak_abs, grads)) if cpu else torch._foreach_norm(grads)).tolist()
+            for stack, value in zip(stacks, values):
+                exact = cpu or (math.isfinite(value) and not may_overflow(value, stack.shape))
+                peaks[id(stack)] = value if exact else float(peak_abs(stack.grad))
         bad = [s for s in plan.stacks if not math.isfinite(peaks[id(s)])]
         if not distributed.all_finite(self._process_group, torch.tensor(not bad)):
             if self.nonfinite == "raise":
@@ -492,18 +498,18 @@ class DASH(Optimizer):
         factors, old = select_rows(bank.factors, rows), select_rows(bank.roots, rows)
         start = None
         if options.method != "eigh" and options.scaling in ("power", "power_multi"):
-            # Power iteration starts from vectors that depend on the factor and its step alone, so
+            # Power iteration starts from vectors that depend on the factor and the seed alone, so
             # every stacking mode and number of processes gives the same scale.
-            salt = bank.row_steps(steps, rows) + self.seed * 1_000_003
             count = 1 if options.scaling == "power" else options.num_vectors
-            start = hashed_start_vectors(bank.keys(rows), salt, bank.size, count, factors.dtype)
+            start = bank.start_vectors(rows, count, self.seed, factors.dtype)
         call = RootCall(factors, bank.root, options)
-        solve = functools.partial(solve_inverse_root, factors, bank.root, options, start=start)
+        # reset_broken left every due factor finite.
+        solve = functools.partial(solve_inverse_root, factors, bank.root, options, start=start, finite=True)
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
-        new, ok, zero = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root)
-        write_rows(bank.roots, rows, new)
-        return due, (~(ok | zero)).sum()
+        refused = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root)
+        write_rows(bank.roots, rows, old)
+        return due, refused
 
     def _failure_counts(self, device: torch.device) -> torch.Tensor:
         """This device's ``[root_failures, factor_resets]`` counts (int64, on the device)."""
@@ -540,7 +546,7 @@ class DASH(Optimizer):
             row_values, self._steps(stack.runs), [run.count for run in stack.runs], device=stack.grad.device
         )
         per_row = {
-            "bias1": values(lambda t: 1 - beta1**t) if correct and beta1 > 0 else None,
+            "bias1": values(lambda t: 1 - beta1**t) if correct and beta1 > 0 else 1.0,
             "bias2": values(lambda t: 1 - beta2**t) if correct else 1.0,
             "started": values(lambda t: t >= start),
         }
@@ -549,23 +555,19 @@ class DASH(Optimizer):
         moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
 
         def rows_direction(rows: slice, values: dict[str, Any]) -> torch.Tensor:
-            g_hat = first_moment[rows]
-            if values["bias1"] is not None:
-                g_hat = g_hat / values["bias1"]
-            direction = update_direction(
-                g_hat,
+            return update_direction(
+                first_moment[rows],
                 None if moment is None else moment[rows],
                 None if left is None else left[rows],
                 None if right is None else right[rows],
                 None if buffer is None else buffer[rows],
                 grafting=group["grafting"],
                 eps=group["eps"],
-                bias2=values["bias2"],
-                started=values["started"],
                 momentum=group["momentum"],
                 nesterov=group["nesterov"],
+                lr=group["lr"],
+                **values,
             )
-            return direction * group["lr"]
 
         size = matrices_per_chunk(stack.grad, CPU_CHUNK_ELEMENTS)
         if size >= stack.rows:

@@ -46,19 +46,21 @@ def accumulate_second_moment(moment: torch.Tensor, g: torch.Tensor, grafting: st
 
 def grafting_direction(
     g_hat: torch.Tensor, moment: torch.Tensor | None, grafting: str, eps: float, bias2: Scalar
-) -> torch.Tensor:
-    """The grafting method's own update direction for the (bias-corrected) first moment ``g_hat``.
+) -> tuple[torch.Tensor, Scalar]:
+    """The grafting method's own update direction for the (bias-corrected) first moment ``g_hat``,
+    as ``(D', c)`` with ``D = c·D'`` (``c`` a scalar or per row, so the caller can apply it with its
+    own scalars in one pass).
 
-    Adam: ``ĝ / (sqrt(v / (1 − β₂^t)) + ε)``; RMSprop and AdaGrad: ``ĝ / (sqrt(v) + ε)``; SGD and
-    none: ``ĝ``.
+    Adam: ``ĝ / (sqrt(v / b₂) + ε) = sqrt(b₂) · ĝ / (sqrt(v) + ε·sqrt(b₂))`` with
+    ``b₂ = 1 − β₂^t`` (three passes: no ``v / b₂`` is formed); RMSprop and AdaGrad:
+    ``ĝ / (sqrt(v) + ε)``; SGD and none: ``ĝ``.
     """
     if grafting == "adam":
-        # v / (1 − β₂^t) <= max g² stays finite: gradients whose squares could overflow are
-        # skipped before they reach v (see DASH's statistics update).
-        return g_hat / (moment / bias2).sqrt_().add_(eps)
+        root_bias2 = math.sqrt(bias2) if not isinstance(bias2, torch.Tensor) else bias2.sqrt()
+        return g_hat / moment.sqrt().add_(eps * root_bias2), root_bias2
     if grafting in ("rmsprop", "adagrad"):
-        return g_hat / moment.sqrt().add_(eps)
-    return g_hat
+        return g_hat / moment.sqrt().add_(eps), 1.0
+    return g_hat, 1.0
 
 
 def precondition(
@@ -102,12 +104,14 @@ def _scaled_block_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.linalg.vector_norm(x * scale, dim=(1, 2), keepdim=True).double(), exponent)
 
 
-def graft(U: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """``U`` rescaled per block to the Frobenius norm of ``direction`` (zero blocks stay zero).
+def graft(U: torch.Tensor, direction: torch.Tensor, scale: Scalar = 1.0) -> torch.Tensor:
+    """``U`` rescaled per block to the Frobenius norm of ``direction`` times ``scale`` (a scalar or
+    per row; zero blocks stay zero), in one pass over ``U``.
 
-    The ratio ``||D|| / (||U|| + 1e-16)`` is formed in float64 and capped at the largest fp32 value.
+    The ratio ``scale·||D|| / (||U|| + 1e-16)`` is formed in float64 and capped at the largest fp32
+    value.
     """
-    ratio = block_norms(direction) / (block_norms(U) + 1e-16)
+    ratio = block_norms(direction) * scale / (block_norms(U) + 1e-16)
     return U * ratio.clamp_max(torch.finfo(U.dtype).max).to(U.dtype)
 
 
@@ -123,7 +127,7 @@ def row_values(
 
 
 def update_direction(
-    g_hat: torch.Tensor,
+    first_moment: torch.Tensor,
     moment: torch.Tensor | None,
     left_root: torch.Tensor | None,
     right_root: torch.Tensor | None,
@@ -131,33 +135,46 @@ def update_direction(
     *,
     grafting: str,
     eps: float,
+    bias1: Scalar,
     bias2: Scalar,
     started: bool | torch.Tensor,
     momentum: float,
     nesterov: bool,
+    lr: Scalar,
 ) -> torch.Tensor:
-    """The direction ``P`` of a stack's blocks (before the learning rate), momentum applied.
+    """The update ``lr · P`` of a stack's blocks, momentum applied (a new tensor).
+
+    ``P`` is homogeneous of degree one in ``Ĝ = first_moment / b₁`` (``U``, the grafting direction
+    and so the grafted ``P`` all scale with it), so ``1/b₁``, ``lr`` and the grafting method's own
+    scalar are applied together: on the per-block grafting ratio, or in one pass over the direction.
 
     Args:
-        g_hat: bias-corrected first moment ``Ĝ`` (S, m, n).
+        first_moment: the gradient EMA ``G~`` (or the gradient) (S, m, n); ``Ĝ = G~ / bias1``.
         moment: the grafting method's second moment (S, m, n), or None when it has none.
         left_root, right_root: ``L^(-1/p)`` (S, m, m) and ``R^(-1/p)`` (S, n, n); None for a side
             that is not preconditioned (both None: the grafting direction alone).
-        momentum_buffer: ``M`` (S, m, n), updated in place (None without momentum).
-        grafting, eps, bias2: the grafting method, its ε and Adam's ``1 − β₂^t`` (scalar or per row).
+        momentum_buffer: ``M`` (S, m, n), updated in place with ``P`` (None without momentum).
+        grafting, eps: the grafting method and its ε.
+        bias1, bias2: ``1 − β₁^t`` and Adam's ``1 − β₂^t`` (scalars or per row, (S, 1, 1)).
         started: whether each row is at or past the start step (a bool, or (S, 1, 1) per row);
             before it the direction is the grafting method's own.
         momentum, nesterov: ``μ`` and whether to use Nesterov's form.
+        lr: the learning rate (a float or a tensor).
     """
-    direction = grafting_direction(g_hat, moment, grafting, eps, bias2)
+    direction, graft_scale = grafting_direction(first_moment, moment, grafting, eps, bias2)
+    scale = graft_scale / bias1 if momentum > 0 else graft_scale / bias1 * lr
     preconditioned = left_root is not None or right_root is not None
     if preconditioned and started is not False:
-        U = precondition(g_hat, left_root, right_root)
-        shampoo = U if grafting == "none" else graft(U, direction)
-        direction = shampoo if started is True else torch.where(started, shampoo, direction)
+        U = precondition(first_moment, left_root, right_root)
+        shampoo = U * scale if grafting == "none" else graft(U, direction, scale)
+        direction = shampoo if started is True else torch.where(started, shampoo, direction * scale)
+    else:
+        direction = direction * scale
     if momentum > 0:
         momentum_buffer.mul_(momentum).add_(direction)
-        direction = direction.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer.clone()
+        if nesterov:
+            return direction.add_(momentum_buffer, alpha=momentum).mul_(lr)
+        return momentum_buffer * lr
     return direction
 
 
@@ -188,9 +205,9 @@ ROOT_BOUND_SLACK = 100.0
 
 def accept_roots(
     new: torch.Tensor, old: torch.Tensor, factors: torch.Tensor, eps: float, relative_eps: float, p: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep each refreshed root of ``factors`` unless it is not finite, has an entry no exact root can
-    have, or its factor is all zero.
+) -> torch.Tensor:
+    """Write into ``old`` each refreshed root of ``factors`` unless it is not finite, has an entry no
+    exact root can have, or its factor is all zero.
 
     Exact roots obey ``|X_ij| <= ||X||_2 <= r^(-1/p)``: every eigenvalue of the ridged factor is at
     least the ridge ``r = eps + relative_eps · tr/n`` (:func:`~dash_shampoo.linalg.roots.ridge`); a
@@ -201,23 +218,26 @@ def accept_roots(
     kept (this is not a failure).
 
     Returns:
-        ``(roots, ok, zero)``: ``new`` where accepted, else ``old``; the (K,) mask of accepted rows
-        and the mask of all-zero factors (kept, not failed).
+        The number of refused roots of non-zero factors (the failures), a 0-d int64 tensor.
     """
     added = ridge(factors, eps, relative_eps)
     if isinstance(added, torch.Tensor):
         bound = ROOT_BOUND_SLACK * added.double().pow(-1.0 / p).to(new.dtype)  # inf where added == 0
     else:
         bound = ROOT_BOUND_SLACK * added ** (-1.0 / p) if added > 0 else math.inf
-    peak = new.abs().flatten(1).amax(dim=1)
+    peak = peak_abs(new, dims=(1, 2))
     zero = factors.diagonal(dim1=-2, dim2=-1).sum(dim=-1) == 0
     ok = torch.isfinite(peak) & (peak <= bound) & ~zero
-    return torch.where(ok[:, None, None], new, old), ok, zero
+    torch.where(ok[:, None, None], new, old, out=old)
+    return (~(ok | zero)).sum()
 
 
 def peak_abs(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``max|x|`` (over ``dims``, default all) as ``max(max x, −min x)``: two vectorised reductions
-    through which NaN and inf propagate."""
+    """``max|x|`` (over ``dims``, default all), NaN and inf propagating: on an accelerator the
+    infinity norm (one reduction), on the CPU ``max(max x, −min x)`` (two vectorised reductions; the
+    CPU's infinity norm is not vectorised)."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, math.inf, dim=dims)
     if dims is None:
         return torch.maximum(x.amax(), -x.amin())
     return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))

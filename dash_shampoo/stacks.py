@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blocking import Blocking, local_tensor
+from .linalg.scaling import hashed_start_vectors
 from .preconditioner import due_rows
 
 
@@ -189,6 +190,7 @@ class Bank:
     world_size: int = 1
     _due: dict[tuple[int, ...], Due | None] = field(default_factory=dict)
     _keys: torch.Tensor | None = None
+    _start: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     def add(self, run: BlockRun, side: str, ordinals: range) -> int:
         """Append ``run``'s factors of ``side``; returns the first row they occupy."""
@@ -204,13 +206,16 @@ class Bank:
             self._keys = torch.tensor(self.ordinals, dtype=torch.int64, device=self.factors.device)
         return self._keys if isinstance(rows, str) else self._keys.index_select(0, rows)
 
-    def row_steps(self, steps: list[int], rows: torch.Tensor | str) -> int | torch.Tensor:
-        """The step of each of ``rows`` given the entries' ``steps``: an int when all share one."""
-        if all(t == steps[0] for t in steps):
-            return steps[0]
-        per_row = [t for entry, t in zip(self.entries, steps) for _ in range(entry.run.count)]
-        tensor = torch.tensor(per_row, dtype=torch.int64, device=self.factors.device)
-        return tensor if isinstance(rows, str) else tensor.index_select(0, rows)
+    def start_vectors(
+        self, rows: torch.Tensor | str, count: int, seed: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Power-iteration start vectors ``(rows, n, count)`` of ``rows``: hashed from each factor's
+        key and ``seed`` alone (:func:`~dash_shampoo.linalg.scaling.hashed_start_vectors`), so every
+        layout and rank starts a factor from the same vectors; made once per bank, then reused."""
+        key = (count, seed, dtype)
+        if key not in self._start:
+            self._start[key] = hashed_start_vectors(self.keys("all"), seed, self.size, count, dtype)
+        return select_rows(self._start[key], rows)
 
     def rows_by_run(self) -> Iterator[tuple[BlockRun, range]]:
         """Each run of the bank with the rows its factors occupy."""
@@ -242,9 +247,12 @@ class Bank:
 
     def reset_broken(self, rows: torch.Tensor | str) -> torch.Tensor:
         """Reset to zero the factors of ``rows`` that are no longer finite (a sum of many huge
-        gradients); returns how many (a 0-d tensor)."""
+        gradients); returns how many (a 0-d tensor). Afterwards every factor of ``rows`` is finite.
+
+        Only the diagonal is read: the factors are sums of ``g gᵀ`` (PSD), whose entries are at most
+        the largest diagonal entry, so an overflow shows there first."""
         factors = select_rows(self.factors, rows)
-        broken = ~torch.isfinite(factors).flatten(1).all(dim=1)
+        broken = ~torch.isfinite(factors.diagonal(dim1=-2, dim2=-1)).all(dim=1)
         write_rows(self.factors, rows, factors.masked_fill_(broken[:, None, None], 0.0))
         return broken.sum()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from dash_shampoo.peers import PEERS, find, state_bytes
+from dash_shampoo.peers import PEERS, Peer, find, state_bytes
 
 
 def test_find_by_full_or_class_name() -> None:
@@ -20,9 +22,27 @@ def test_find_by_full_or_class_name() -> None:
 
 
 def test_a_missing_package_is_a_reason_not_an_error() -> None:
-    authors = find(["DashGpu"])[0]
-    reason = authors.unavailable([(4, 4)], 4, torch.device("cpu"))
-    assert reason is not None and ("not installed" in reason or "needs CUDA" in reason)
+    missing = Peer("no_such_package_here.Optimizer", "", lambda *args: None)
+    reason = missing.unavailable([(4, 4)], 4, torch.device("cpu"))
+    assert reason is not None and reason.startswith("not installed (ModuleNotFoundError")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ista_daslab_optimizers") is None, reason="the authors' package is not installed"
+)
+@pytest.mark.parametrize("name", ["DashGpu", "DashGpu-evd"])
+def test_authors_dash_gpu_steps_on_the_cpu(name: str) -> None:
+    """Without CUDA, Triton or wandb the authors' package imports with its CUDA-only pieces stubbed,
+    and its fp32 DashGpu steps on the CPU (what the counts and the CPU timings compare against)."""
+    peer = find([name])[0]
+    assert peer.unavailable([(8, 8)], 4, torch.device("cpu")) is None
+    param = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    optimizer = peer.build([param], 4, 1)
+    before = param.detach().clone()
+    for _ in range(3):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert not torch.equal(param, before) and torch.isfinite(param).all()
 
 
 @pytest.mark.parametrize("name", ["pytorch_optimizer.SOAP", "pytorch_optimizer.DASH", "heavyball.SOAP"])
