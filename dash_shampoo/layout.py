@@ -32,7 +32,7 @@ from .blocking import Blocking
 from .linalg import RootOptions
 from .linalg.roots import root_matmuls
 from .options import check_group
-from .stacks import Bank, BlockRun, Stack, bind
+from .stacks import Bank, BlockRun, Scale, Stack, bind
 
 #: State entries of a whole parameter (the others are region tensors, one row per block).
 PER_PARAMETER = ("step", "shape")
@@ -442,16 +442,19 @@ class Layout:
 
     def apply(
         self,
-        updates: list[torch.Tensor],
+        updates: list[tuple[torch.Tensor, Scale]],
         targets: dict[torch.Tensor, torch.Tensor],
         active: set[torch.Tensor],
     ) -> None:
-        """Subtract the update blocks (``updates``: one per stack) from the active parameters
-        (``targets``: their contiguous tensors)."""
-        for stack, update in zip(self.stacks, updates):
+        """Subtract the update blocks ``scale · direction`` (``updates``: one pair per stack; the
+        scale None, a number, or one per block) from the active parameters (``targets``: their
+        contiguous tensors)."""
+        for stack, (update, scale) in zip(self.stacks, updates):
+            per_block = isinstance(scale, torch.Tensor) and scale.dim() == 3
             for run in stack.runs:
                 if run.param in active:
-                    run.subtract_from(targets[run.param], stack.of(run, update))
+                    factor = stack.of(run, scale) if per_block else scale
+                    run.subtract_from(targets[run.param], stack.of(run, update), factor)
 
     def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
         """Copies of every state row that belongs to ``params``, as ``(tensor, rows, copy)`` (restored

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 import warnings
 from collections import OrderedDict, defaultdict
@@ -40,7 +41,7 @@ from .preconditioner import (
     row_values,
     update_direction,
 )
-from .stacks import Bank, Due, Stack, select_rows, write_rows
+from .stacks import Bank, Due, Scale, Stack, select_rows, write_rows
 
 Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
@@ -387,8 +388,7 @@ class DASH(Optimizer):
         before = [stack.save_rows(rows) for stack, rows in candidates]
         for p in active:
             self.state[p]["step"] += 1
-        for stack in plan.stacks:
-            self._update_statistics(stack)
+        self._update_statistics(plan.stacks)
         # A block whose g gᵀ, gᵀ g or g² overflowed is skipped: its state is put back (now, and again
         # after the step) and its update is zero (counted in skipped_blocks).
         overflowing = []
@@ -411,8 +411,10 @@ class DASH(Optimizer):
         shards = {p: local_tensor(p) for p in active}  # a DTensor's rows here
         targets = {p: t if t.is_contiguous() else t.contiguous() for p, t in shards.items()}
         updates = [self._direction(stack) for stack in plan.stacks]
-        for stack, rows in overflowing:
-            updates[plan.stacks.index(stack)].index_fill_(0, rows, 0.0)
+        for stack, rows in overflowing:  # zero updates (a NaN direction times a zero scale is NaN)
+            for part in updates[plan.stacks.index(stack)]:
+                if isinstance(part, torch.Tensor) and part.dim() == 3:
+                    part.index_fill_(0, rows, 0.0)
         plan.apply(updates, targets, active)
         for p in [p for p, target in targets.items() if target is not shards[p]]:
             shards[p].copy_(targets[p])
@@ -469,18 +471,24 @@ class DASH(Optimizer):
     def _steps(self, runs: Iterable[Any]) -> list[int]:
         return [int(self.state[run.param]["step"]) for run in runs]
 
-    def _update_statistics(self, stack: Stack) -> None:
-        group = self.param_groups[stack.group_index]
-        g = stack.grad
-        for side in ("left", "right"):
-            factors = stack.factors(side)
-            if factors is not None:
-                accumulate_factor(factors, g, side, group["factor_beta"])
-        if "moment" in stack.tensors:
-            accumulate_second_moment(stack.tensors["moment"], g, group["grafting"], group["betas"][1])
-        beta1 = group["betas"][0]
-        if beta1 > 0:
-            stack.tensors["grad_ema"].lerp_(g, 1 - beta1)
+    def _update_statistics(self, stacks: list[Stack]) -> None:
+        """Factors per stack; the elementwise averages of a group's stacks one ``_foreach`` op each."""
+        by_group: dict[int, list[Stack]] = defaultdict(list)
+        for stack in stacks:
+            by_group[stack.group_index].append(stack)
+        for index, members in by_group.items():
+            group = self.param_groups[index]
+            for stack, side in itertools.product(members, ("left", "right")):
+                if (factors := stack.factors(side)) is not None:
+                    accumulate_factor(factors, stack.grad, side, group["factor_beta"])
+            graded = [stack for stack in members if "moment" in stack.tensors]
+            if graded:
+                moments = [stack.tensors["moment"] for stack in graded]
+                grads = [stack.grad for stack in graded]
+                accumulate_second_moment(moments, grads, group["grafting"], group["betas"][1])
+            if group["betas"][0] > 0:
+                emas, grads = [stack.tensors["grad_ema"] for stack in members], [s.grad for s in members]
+                torch._foreach_lerp_(emas, grads, 1 - group["betas"][0])
 
     def _refresh(self, bank: Bank, options: RootOptions) -> tuple[Due | None, torch.Tensor | None]:
         """Refresh the roots of the bank's due rows this process computes, keeping the old root of each
@@ -491,7 +499,8 @@ class DASH(Optimizer):
         due = bank.due_rows(steps, start, frequency, group["stagger"])
         if due is None:
             return None, None
-        self._failure_counts(bank.factors.device)[1] += bank.reset_broken(due.rows)
+        if group["factor_beta"] >= 1:  # sums can overflow; averages of finite g gᵀ cannot
+            self._failure_counts(bank.factors.device)[1] += bank.reset_broken(due.rows)
         rows = due.mine
         if rows is None:
             return due, None
@@ -503,11 +512,12 @@ class DASH(Optimizer):
             count = 1 if options.scaling == "power" else options.num_vectors
             start = bank.start_vectors(rows, count, self.seed, factors.dtype)
         call = RootCall(factors, bank.root, options)
-        # reset_broken left every due factor finite.
+        # Every due factor is finite: an average of finite g gᵀ, or a sum that reset_broken checked.
         solve = functools.partial(solve_inverse_root, factors, bank.root, options, start=start, finite=True)
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
-        refused = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root)
+        psd = options.method == "eigh"
+        refused = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root, psd)
         write_rows(bank.roots, rows, old)
         return due, refused
 
@@ -518,9 +528,9 @@ class DASH(Optimizer):
     def _count_failures(self, failed: list[torch.Tensor], plan: Layout, device: torch.device) -> None:
         """Add the roots this step refused (per bank refreshed here) to :attr:`root_failures`; with
         several processes all of theirs (one small all-reduce), so the counters agree everywhere."""
-        total = torch.zeros((), dtype=torch.int64, device=device)
-        for count in failed:
-            total += count.to(device)
+        total = torch.stack([count.to(device) for count in failed]).sum() if failed else None
+        if total is None:
+            total = torch.zeros((), dtype=torch.int64, device=device)
         if plan.exchange is not None:
             total = distributed.all_reduce_sum(self._process_group, total)
         self._failure_counts(device)[0] += total
@@ -532,8 +542,9 @@ class DASH(Optimizer):
             if wd and params:
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
 
-    def _direction(self, stack: Stack) -> torch.Tensor:
-        """The step's update blocks ``lr · P`` of a stack (:func:`update_direction`).
+    def _direction(self, stack: Stack) -> tuple[torch.Tensor, Scale]:
+        """The step's update blocks ``lr · P`` of a stack as ``(direction, scale)``
+        (:func:`update_direction`).
 
         On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so
         the ten or so elementwise passes over each chunk run in cache; the result is the same.
@@ -554,7 +565,7 @@ class DASH(Optimizer):
         left, right = stack.roots("left"), stack.roots("right")
         moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
 
-        def rows_direction(rows: slice, values: dict[str, Any]) -> torch.Tensor:
+        def rows_direction(rows: slice, values: dict[str, Any]) -> tuple[torch.Tensor, Scale]:
             return update_direction(
                 first_moment[rows],
                 None if moment is None else moment[rows],
@@ -575,10 +586,11 @@ class DASH(Optimizer):
         out = torch.empty_like(stack.grad)
         for first in range(0, stack.rows, size):
             rows = slice(first, first + size)
-            out[rows] = rows_direction(
+            direction, scale = rows_direction(
                 rows, {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
             )
-        return out
+            torch.mul(direction, 1.0 if scale is None else scale, out=out[rows])
+        return out, None
 
 
 def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) -> bool:

@@ -20,8 +20,6 @@ from typing import Any, Literal
 
 import torch
 
-from .linalg.roots import ridge
-
 Grafting = Literal["adam", "adagrad", "rmsprop", "sgd", "none"]
 GRAFTINGS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
 Scalar = float | torch.Tensor
@@ -36,12 +34,16 @@ def accumulate_factor(factor: torch.Tensor, g: torch.Tensor, side: str, beta: fl
         factor.baddbmm_(a, b, beta=beta, alpha=1 - beta)
 
 
-def accumulate_second_moment(moment: torch.Tensor, g: torch.Tensor, grafting: str, beta2: float) -> None:
-    """The grafting method's elementwise second moment: EMA (Adam, RMSprop) or sum (AdaGrad)."""
+def accumulate_second_moment(
+    moments: list[torch.Tensor], grads: list[torch.Tensor], grafting: str, beta2: float
+) -> None:
+    """The grafting method's elementwise second moments of several stacks, in place, each op one
+    ``_foreach`` call for all of them: EMA (Adam, RMSprop) or sum (AdaGrad)."""
     if grafting in ("adam", "rmsprop"):
-        moment.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        torch._foreach_mul_(moments, beta2)
+        torch._foreach_addcmul_(moments, grads, grads, value=1 - beta2)
     elif grafting == "adagrad":
-        moment.addcmul_(g, g)
+        torch._foreach_addcmul_(moments, grads, grads)
 
 
 def grafting_direction(
@@ -104,15 +106,17 @@ def _scaled_block_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.linalg.vector_norm(x * scale, dim=(1, 2), keepdim=True).double(), exponent)
 
 
-def graft(U: torch.Tensor, direction: torch.Tensor, scale: Scalar = 1.0) -> torch.Tensor:
-    """``U`` rescaled per block to the Frobenius norm of ``direction`` times ``scale`` (a scalar or
-    per row; zero blocks stay zero), in one pass over ``U``.
-
-    The ratio ``scale·||D|| / (||U|| + 1e-16)`` is formed in float64 and capped at the largest fp32
-    value.
-    """
+def graft_ratio(U: torch.Tensor, direction: torch.Tensor, scale: Scalar = 1.0) -> torch.Tensor:
+    """The per-block factor ``scale·||D|| / (||U|| + 1e-16)``, shape (S, 1, 1), that rescales ``U``
+    to the Frobenius norm of ``direction`` times ``scale`` (a scalar or per row); formed in float64
+    and capped at the largest value of ``U``'s dtype (zero blocks of ``U`` stay zero)."""
     ratio = block_norms(direction) * scale / (block_norms(U) + 1e-16)
-    return U * ratio.clamp_max(torch.finfo(U.dtype).max).to(U.dtype)
+    return ratio.clamp_max(torch.finfo(U.dtype).max).to(U.dtype)
+
+
+def graft(U: torch.Tensor, direction: torch.Tensor, scale: Scalar = 1.0) -> torch.Tensor:
+    """``U`` times :func:`graft_ratio` (one pass over ``U``)."""
+    return U * graft_ratio(U, direction, scale)
 
 
 def row_values(
@@ -141,8 +145,11 @@ def update_direction(
     momentum: float,
     nesterov: bool,
     lr: Scalar,
-) -> torch.Tensor:
-    """The update ``lr · P`` of a stack's blocks, momentum applied (a new tensor).
+) -> tuple[torch.Tensor, Scalar | None]:
+    """The update ``lr · P`` of a stack's blocks, momentum applied, as ``(direction, scale)`` with
+    ``update = scale · direction``: ``scale`` None when the direction is the update itself, else a
+    number or one factor per block (S, 1, 1), so that the caller applies it while writing the
+    update, not in a pass of its own.
 
     ``P`` is homogeneous of degree one in ``Ĝ = first_moment / b₁`` (``U``, the grafting direction
     and so the grafted ``P`` all scale with it), so ``1/b₁``, ``lr`` and the grafting method's own
@@ -166,16 +173,20 @@ def update_direction(
     preconditioned = left_root is not None or right_root is not None
     if preconditioned and started is not False:
         U = precondition(first_moment, left_root, right_root)
+        if started is True and momentum == 0:
+            return U, scale if grafting == "none" else graft_ratio(U, direction, scale)
         shampoo = U * scale if grafting == "none" else graft(U, direction, scale)
         direction = shampoo if started is True else torch.where(started, shampoo, direction * scale)
+    elif momentum == 0:
+        return direction, scale
     else:
         direction = direction * scale
-    if momentum > 0:
-        momentum_buffer.mul_(momentum).add_(direction)
-        if nesterov:
-            return direction.add_(momentum_buffer, alpha=momentum).mul_(lr)
-        return momentum_buffer * lr
-    return direction
+    if momentum == 0:
+        return direction, None
+    momentum_buffer.mul_(momentum).add_(direction)
+    if nesterov:
+        return direction.add_(momentum_buffer, alpha=momentum), lr
+    return momentum_buffer, lr
 
 
 def refresh_due(step: int, start: int, frequency: int, ordinal: int | None = None) -> bool:
@@ -204,7 +215,13 @@ ROOT_BOUND_SLACK = 100.0
 
 
 def accept_roots(
-    new: torch.Tensor, old: torch.Tensor, factors: torch.Tensor, eps: float, relative_eps: float, p: int
+    new: torch.Tensor,
+    old: torch.Tensor,
+    factors: torch.Tensor,
+    eps: float,
+    relative_eps: float,
+    p: int,
+    psd: bool = False,
 ) -> torch.Tensor:
     """Write into ``old`` each refreshed root of ``factors`` unless it is not finite, has an entry no
     exact root can have, or its factor is all zero.
@@ -217,19 +234,23 @@ def accept_roots(
     is PSD): it carries no curvature, and without a ridge it has no root at all, so its old root is
     kept (this is not a failure).
 
+    ``psd``: the new roots are PSD by construction (only their diagonals are read).
+
     Returns:
         The number of refused roots of non-zero factors (the failures), a 0-d int64 tensor.
     """
-    added = ridge(factors, eps, relative_eps)
-    if isinstance(added, torch.Tensor):
-        bound = ROOT_BOUND_SLACK * added.double().pow(-1.0 / p).to(new.dtype)  # inf where added == 0
+    mean_eigenvalue = factors.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+    zero = mean_eigenvalue == 0
+    # A PSD root (eigh's Q diag(w) Qᵀ, w >= 0) has its largest entry on the diagonal; a NaN in Q
+    # reaches the diagonal too. Other solvers' roots are read whole.
+    peak = new.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1) if psd else peak_abs(new, dims=(1, 2))
+    if relative_eps:  # the ridge and bound per factor; a zero factor's inf bound is never used
+        bound = (mean_eigenvalue * relative_eps + eps).pow_(-1.0 / p).mul_(ROOT_BOUND_SLACK)
+        fine = peak <= bound  # NaN compares false, inf exceeds every finite bound
     else:
-        bound = ROOT_BOUND_SLACK * added ** (-1.0 / p) if added > 0 else math.inf
-    peak = peak_abs(new, dims=(1, 2))
-    zero = factors.diagonal(dim1=-2, dim2=-1).sum(dim=-1) == 0
-    ok = torch.isfinite(peak) & (peak <= bound) & ~zero
-    torch.where(ok[:, None, None], new, old, out=old)
-    return (~(ok | zero)).sum()
+        fine = peak <= ROOT_BOUND_SLACK * eps ** (-1.0 / p) if eps > 0 else torch.isfinite(peak)
+    torch.where((fine & ~zero)[:, None, None], new, old, out=old)
+    return (~(fine | zero)).sum()
 
 
 def peak_abs(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:

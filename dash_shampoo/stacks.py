@@ -54,16 +54,37 @@ class BlockRun:
             for k in range(self.count):
                 out[k].copy_(region.block_view(matrix, self.first + k))
 
-    def subtract_from(self, target: torch.Tensor, update: torch.Tensor) -> None:
-        """``target_blocks -= update`` for this run's blocks; ``target`` is a contiguous tensor."""
+    def subtract_from(self, target: torch.Tensor, update: torch.Tensor, scale: Scale = None) -> None:
+        """``target_blocks -= scale · update`` for this run's blocks, in one pass over them;
+        ``target`` is a contiguous tensor, ``scale`` None (1), a number, or one per block
+        ``(count, 1, 1)``."""
         region = self.blocking.regions[self.region]
         matrix = target.view(self.blocking.matrix_shape)
+        per_block = isinstance(scale, torch.Tensor) and scale.dim() == 3
         if self.whole_region:
             gr, gc = region.grid
-            region.view(matrix).sub_(update.view(gr, gc, *region.block).permute(0, 2, 1, 3))
+            blocks = update.view(gr, gc, *region.block).permute(0, 2, 1, 3)
+            factor = scale.view(gr, gc, 1, 1).permute(0, 2, 1, 3) if per_block else scale
+            _subtract(region.view(matrix), blocks, factor)
         else:
             for k in range(self.count):
-                region.block_view(matrix, self.first + k).sub_(update[k])
+                _subtract(
+                    region.block_view(matrix, self.first + k), update[k], scale[k] if per_block else scale
+                )
+
+
+#: A factor on an update: none, a number, or a tensor (0-d, or one per block).
+Scale = float | torch.Tensor | None
+
+
+def _subtract(target: torch.Tensor, update: torch.Tensor, scale: Scale) -> None:
+    """``target -= scale · update`` in place, one kernel."""
+    if scale is None:
+        target.sub_(update)
+    elif isinstance(scale, torch.Tensor) and not (scale.dim() == 0 and scale.device.type == "cpu"):
+        target.addcmul_(update, scale, value=-1)
+    else:  # a number (a 0-d CPU tensor, such as a tensor lr, is read without a device sync)
+        target.sub_(update, alpha=float(scale))
 
 
 @dataclass

@@ -13,9 +13,10 @@ no arithmetic (one rank's share of the 953M model counts in seconds) and cannot 
   on the data (``nonzero``, ``masked_select``, ...), or a blocking copy from the host to the device
   (``torch.tensor(..., device=...)``, ``.to(device)``: pageable memory makes CUDA wait). The
   counter answers a read with zeros, which every optimizer here treats as "finite, nothing to skip";
-- **bytes** are each kernel's tensor inputs read once and outputs written once (an in-place op
-  reads and writes its target; ``copy_``, ``fill_`` and ``zero_`` only write it). This is the
-  traffic of unfused kernels, the bound on everything that is not a large matmul;
+- **bytes** are each kernel's tensor inputs read once and its outputs, or the tensors it changes in
+  place, written once (an in-place op reads and writes its target; ``copy_``, ``fill_`` and
+  ``zero_`` only write it; ``out=`` is written, not read). This is the traffic of unfused kernels,
+  the bound on everything that is not a large matmul;
 - **matmul FLOPs** are ``2·m·n·k`` per product of ``mm``, ``bmm``, ``addmm`` and ``baddbmm``.
 
 Ops on host tensors (e.g. step counters kept on the CPU) launch nothing on the device and are
@@ -89,6 +90,16 @@ def _matmul_flops(func: Any, args: tuple, out: torch.Tensor) -> float:
     return 2.0 * math.prod(out.shape) * a.shape[-1]
 
 
+def _mutated(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an op writes in place: its schema's mutable arguments (``self`` of ``add_``, the
+    lists of ``_foreach_*_``, ``out=``)."""
+    written = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written += _tensors(args[i] if i < len(args) else kwargs.get(argument.name))
+    return written
+
+
 class StepCounter(TorchDispatchMode):
     """Counts the kernels, host syncs, matmul FLOPs and bytes of the ops dispatched inside it into
     :attr:`counts` (reset it with ``counter.counts = Counts()``). Tensors on :data:`DEVICE` are the
@@ -139,7 +150,8 @@ class StepCounter(TorchDispatchMode):
         read = sum(map(_nbytes, inputs))
         if packet in _WRITE_ONLY:
             read -= _nbytes(inputs[0])
-        moved = read + sum(map(_nbytes, outputs))
+        written = _mutated(func, args, kwargs) or outputs  # in place (foreach ops return nothing)
+        moved = read + sum(map(_nbytes, written))
         self.counts.bytes += moved
         self.counts.op_bytes[name] += moved
         if packet in _MATMULS:

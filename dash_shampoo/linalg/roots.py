@@ -109,23 +109,31 @@ def eigh_with_fallback(
     """
     X = A.to(_compute_dtype(A))
     if assume_finite:
-        failed = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
-    else:
-        finite = torch.isfinite(X).flatten(1).all(dim=1)
-        X = torch.where(finite[:, None, None], X, _eye_like(X))
-        failed = ~finite
+        values, vectors, failed = _eigh(X, None)
+        bad_values = values.sum(dim=1).isnan()  # a finite input fails by raising, or with NaN values
+        return values, vectors, bad_values if failed is None else failed | bad_values
+    finite = torch.isfinite(X).flatten(1).all(dim=1)
+    values, vectors, failed = _eigh(torch.where(finite[:, None, None], X, _eye_like(X)), ~finite)
+    bad_values = ~torch.isfinite(values).all(dim=1)
+    return values, vectors, failed | bad_values | ~torch.isfinite(vectors).flatten(1).all(dim=1)
+
+
+def _eigh(
+    X: torch.Tensor, failed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``torch.linalg.eigh`` of the stack, in float64 if that raises, matrix by matrix if that
+    raises too; ``failed`` (None: none so far) gains the matrices that still fail (None when the
+    batched call succeeded and none had failed)."""
     try:
-        values, vectors = torch.linalg.eigh(X)
+        return (*torch.linalg.eigh(X), failed)
     except RuntimeError:
-        try:
-            values, vectors = torch.linalg.eigh(X.double())
-        except RuntimeError:
-            values, vectors, failed = _eigh_one_by_one(X.double(), failed)
-        values, vectors = values.to(X.dtype), vectors.to(X.dtype)
-    failed = failed | ~torch.isfinite(values).all(dim=1)
-    if not assume_finite:
-        failed |= ~torch.isfinite(vectors).flatten(1).all(dim=1)
-    return values, vectors, failed
+        pass
+    try:
+        values, vectors = torch.linalg.eigh(X.double())
+    except RuntimeError:
+        known = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device) if failed is None else failed
+        values, vectors, failed = _eigh_one_by_one(X.double(), known)
+    return values.to(X.dtype), vectors.to(X.dtype), failed
 
 
 def _eigh_one_by_one(
@@ -144,7 +152,7 @@ def _eigh_one_by_one(
 
 def _eigh_root(
     A: torch.Tensor, p: float, eps: float, added: float | torch.Tensor, eigen_fix: EigenFix, finite: bool
-) -> Unfinished:
+) -> torch.Tensor:
     """``A^(-1/p)`` by eigendecomposition of the ridged ``X = A + r·I``, eigenvalues treated first.
 
     ``A`` itself is decomposed (``A + r·I`` has the same eigenvectors and eigenvalues ``λ_A + r``,
@@ -158,12 +166,16 @@ def _eigh_root(
       are inverted without the ridge (``r`` serves only as the cut-off).
     - ``"abs"``: ``λ ← |λ_A| + r``.
 
-    Then ``A^(-1/p) = (Q diag(λ^(-1/p))) Qᵀ``. Matrices whose decomposition fails come out as NaN
-    (their weights are NaN; see :func:`eigh_with_fallback`, ``assume_finite=finite``). With
+    Returns ``R + Rᵀ`` with ``R = (Q diag(λ^(-1/p)/2)) Qᵀ`` (exactly symmetric, one pass). Matrices
+    whose decomposition fails come out as NaN (their weights are NaN; see
+    :func:`eigh_with_fallback`, ``assume_finite=finite``). With
     ``eps = 0`` a singular matrix gives non-finite entries (``0^(-1/p) = inf``, and ``inf · 0 = NaN``
     in the product with the eigenvectors) except with ``"pinv"``.
     """
-    values, vectors, failed = eigh_with_fallback(A, assume_finite=finite)
+    if finite:  # NaN eigenvalues give NaN weights below; only matrices that failed alone are marked
+        values, vectors, failed = _eigh(A, None)
+    else:
+        values, vectors, failed = eigh_with_fallback(A)
     r = added[:, None] if isinstance(added, torch.Tensor) else added
     if eigen_fix == "shift":
         values = values + r
@@ -176,10 +188,13 @@ def _eigh_root(
         cutoff = torch.maximum(
             n * torch.finfo(values.dtype).eps * values.amax(dim=-1, keepdim=True), torch.as_tensor(r)
         )
-        keep = values > cutoff
-        weights = torch.where(keep, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p), 0.0)
-    weights = weights.masked_fill(failed[:, None], float("nan"))
-    return (vectors * weights[:, None, :]) @ vectors.mT, None
+        cut = values <= cutoff  # NaN compares false: it stays NaN
+        weights = torch.where(cut, 0.0, values.clamp_min(torch.finfo(values.dtype).tiny).pow(-1.0 / p))
+    half = weights.mul(0.5)
+    if failed is not None:
+        half.masked_fill_(failed[:, None], float("nan"))
+    root = (vectors * half[:, None, :]) @ vectors.mT
+    return torch.add(root, root.mT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,8 +618,7 @@ def _solve(
     added = ridge(A, options.eps, options.relative_eps)
     A = A.to(_compute_dtype(A))
     if options.method == "eigh":
-        R, factor = _eigh_root(A, p, options.eps, added, options.eigen_fix, finite)
-        return _symmetric(R, factor)
+        return _eigh_root(A, p, options.eps, added, options.eigen_fix, finite)
     # X = (A + r·I) / 2^k: one pass over the stack (the ridge is added to the scaled diagonal).
     diagonal = A.diagonal(dim1=-2, dim2=-1) + (added[:, None] if isinstance(added, torch.Tensor) else added)
     exponent = _power_of_two_scale(diagonal, p)
