@@ -26,7 +26,7 @@ from . import distributed, layout
 from ._checks import check_choice, check_number
 from .blocking import local_tensor
 from .layout import Layout
-from .linalg import RootOptions, solve_inverse_root
+from .linalg import RootOptions, ridge, solve_inverse_root
 from .linalg.precision import Precision
 from .linalg.roots import EigenFix, Method, matrices_per_chunk
 from .linalg.scaling import Scaling
@@ -492,7 +492,7 @@ class DASH(Optimizer):
 
     def _refresh(self, bank: Bank, options: RootOptions) -> tuple[Due | None, torch.Tensor | None]:
         """Refresh the roots of the bank's due rows this process computes, keeping the old root of each
-        one refused. Returns the due rows and the number refused (a 0-d tensor)."""
+        one refused. Returns the due rows and the mask of those refused."""
         group = self.param_groups[bank.group_index]
         steps = self._steps(entry.run for entry in bank.entries)
         start, frequency = group["start_preconditioning_step"], group["precondition_frequency"]
@@ -512,12 +512,16 @@ class DASH(Optimizer):
             count = 1 if options.scaling == "power" else options.num_vectors
             start = bank.start_vectors(rows, count, self.seed, factors.dtype)
         call = RootCall(factors, bank.root, options)
+        mean_eigenvalue = factors.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+        added = ridge(factors, options.eps, options.relative_eps, mean_eigenvalue)
         # Every due factor is finite: an average of finite g gᵀ, or a sum that reset_broken checked.
-        solve = functools.partial(solve_inverse_root, factors, bank.root, options, start=start, finite=True)
+        solve = functools.partial(
+            solve_inverse_root, factors, bank.root, options, start=start, finite=True, ridge_of=added
+        )
         for hook in self._root_hooks.values():
             solve = functools.partial(hook, call, solve)
         psd = options.method == "eigh"
-        refused = accept_roots(solve(), old, factors, options.eps, options.relative_eps, bank.root, psd)
+        refused = accept_roots(solve(), old, mean_eigenvalue, added, bank.root, psd)
         write_rows(bank.roots, rows, old)
         return due, refused
 
@@ -528,8 +532,9 @@ class DASH(Optimizer):
     def _count_failures(self, failed: list[torch.Tensor], plan: Layout, device: torch.device) -> None:
         """Add the roots this step refused (per bank refreshed here) to :attr:`root_failures`; with
         several processes all of theirs (one small all-reduce), so the counters agree everywhere."""
-        total = torch.stack([count.to(device) for count in failed]).sum() if failed else None
-        if total is None:
+        if failed:
+            total = torch.cat([mask.to(device) for mask in failed]).sum()
+        else:
             total = torch.zeros((), dtype=torch.int64, device=device)
         if plan.exchange is not None:
             total = distributed.all_reduce_sum(self._process_group, total)

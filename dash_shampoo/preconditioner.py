@@ -217,17 +217,17 @@ ROOT_BOUND_SLACK = 100.0
 def accept_roots(
     new: torch.Tensor,
     old: torch.Tensor,
-    factors: torch.Tensor,
-    eps: float,
-    relative_eps: float,
+    mean_eigenvalue: torch.Tensor,
+    added: float | torch.Tensor,
     p: int,
     psd: bool = False,
 ) -> torch.Tensor:
-    """Write into ``old`` each refreshed root of ``factors`` unless it is not finite, has an entry no
-    exact root can have, or its factor is all zero.
+    """Write into ``old`` each refreshed root unless it is not finite, has an entry no exact root
+    can have, or its factor is all zero; ``mean_eigenvalue`` (K,) is each factor's ``tr/n`` and
+    ``added`` its ridge ``r`` (:func:`~dash_shampoo.linalg.roots.ridge`: a float, or one per factor).
 
     Exact roots obey ``|X_ij| <= ||X||_2 <= r^(-1/p)``: every eigenvalue of the ridged factor is at
-    least the ridge ``r = eps + relative_eps · tr/n`` (:func:`~dash_shampoo.linalg.roots.ridge`); a
+    least the ridge ``r = eps + relative_eps · tr/n``; a
     diverged iteration can be finite and 1e16 times beyond that. The slack :data:`ROOT_BOUND_SLACK`
     allows for fp32 iterations on singular factors, which overshoot by a few times (2.1x measured
     on the first refresh of the tiny trainer model). A factor with zero trace is the zero matrix (it
@@ -237,20 +237,18 @@ def accept_roots(
     ``psd``: the new roots are PSD by construction (only their diagonals are read).
 
     Returns:
-        The number of refused roots of non-zero factors (the failures), a 0-d int64 tensor.
+        The (K,) mask of refused roots of non-zero factors (the failures).
     """
-    mean_eigenvalue = factors.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
     zero = mean_eigenvalue == 0
     # A PSD root (eigh's Q diag(w) Qᵀ, w >= 0) has its largest entry on the diagonal; a NaN in Q
     # reaches the diagonal too. Other solvers' roots are read whole.
     peak = new.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1) if psd else peak_abs(new, dims=(1, 2))
-    if relative_eps:  # the ridge and bound per factor; a zero factor's inf bound is never used
-        bound = (mean_eigenvalue * relative_eps + eps).pow_(-1.0 / p).mul_(ROOT_BOUND_SLACK)
-        fine = peak <= bound  # NaN compares false, inf exceeds every finite bound
+    if isinstance(added, torch.Tensor):  # per factor; a zero factor's inf bound is never used
+        fine = peak <= added.pow(-1.0 / p).mul_(ROOT_BOUND_SLACK)  # NaN compares false
     else:
-        fine = peak <= ROOT_BOUND_SLACK * eps ** (-1.0 / p) if eps > 0 else torch.isfinite(peak)
+        fine = peak <= ROOT_BOUND_SLACK * added ** (-1.0 / p) if added > 0 else torch.isfinite(peak)
     torch.where((fine & ~zero)[:, None, None], new, old, out=old)
-    return (~(fine | zero)).sum()
+    return ~(fine | zero)
 
 
 def peak_abs(x: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:

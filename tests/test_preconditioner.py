@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dash_shampoo.linalg import ridge
 from dash_shampoo.preconditioner import (
     ROOT_BOUND_SLACK,
     accept_roots,
@@ -173,8 +174,10 @@ def test_due_rows_uses_each_rows_own_step():
 
 def _accepted(new: torch.Tensor, old: torch.Tensor, *args: float) -> tuple[list[bool], int]:
     """Which rows accept_roots took from ``new`` (it writes them into ``old``), and its count."""
+    factors, eps, relative_eps, p = args
+    mean = factors.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
     roots = old.clone()
-    refused = accept_roots(new, roots, *args)
+    refused = accept_roots(new, roots, mean, ridge(factors, eps, relative_eps, mean), p).sum()
     taken = [torch.equal(r, n) and not torch.equal(r, o) for r, n, o in zip(roots, new, old)]
     kept = [torch.equal(r, o) for r, o in zip(roots, old)]
     assert all(t != k for t, k in zip(taken, kept))  # each row is the new root or the old one

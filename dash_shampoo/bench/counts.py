@@ -181,3 +181,133 @@ def count_steps(
             step()
             if t in counted:
                 yield t, counter.counts
+
+
+#: The per-step quantities a row reports, amortised over the refresh period.
+PER_STEP = ("kernels", "syncs", "matmul_flops", "bytes", "eigh_calls")
+
+
+def count_optimizer(
+    build: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    shapes: list[tuple[int, ...]],
+    frequency: int,
+) -> dict[str, Any]:
+    """The counts of an optimizer's steps on meta parameters of ``shapes``.
+
+    ``build(params)`` makes the optimizer. With refresh period ``F`` the refresh step counted is step
+    3 (``F = 1``) or step ``F`` (the first periodic refresh), and the other step is step ``F + 1``;
+    ``per_step`` is ``(refresh + (F − 1)·other) / F`` of each of :data:`PER_STEP`.
+    """
+    optimizer = build(meta_parameters(shapes))
+    refresh, other = (3, None) if frequency == 1 else (frequency, frequency + 1)
+    counted = dict(count_steps(optimizer.step, [refresh] if other is None else [refresh, other]))
+    result: dict[str, Any] = {"refresh": counted[refresh].summary()}
+    result["other"] = counted[other].summary() if other is not None else None
+    last = result["other"] or result["refresh"]
+    result["per_step"] = {
+        key: (result["refresh"][key] + (frequency - 1) * last[key]) / frequency for key in PER_STEP
+    }
+    return result
+
+
+def minimum_other_step_bytes(numel: int, factor_elements: int) -> int:
+    """Bytes a step without a refresh must move at least, for ``numel`` parameter elements whose
+    blocks have ``factor_elements`` factor entries (both sides) in all, in fp32: each element's
+    gradient read (4), gradient EMA, Adam second moment and weight read and written (3 × 8); each
+    factor entry read and written by its EMA (8) and its root read (4)."""
+    return 28 * numel + 12 * factor_elements
+
+
+# ---------------------------------------------------------------------------------------------
+# The counts of benchmark rows (dicts with model, kind, optimizer, block_size, frequency, stacking,
+# method and "counts"), their ratios and their table
+# ---------------------------------------------------------------------------------------------
+
+#: The authors' optimizer each DASH solver is compared with (the peer rows' names).
+AUTHORS = {"ndb": "ista_daslab_optimizers.DashGpu", "eigh": "ista_daslab_optimizers.DashGpu-evd"}
+
+
+def add_count_ratios(rows: list[dict[str, Any]], minimum: Callable[[str, int], int]) -> None:
+    """Per DASH row, its per-step kernels and bytes over the authors' (same model, B, F and
+    solver: :data:`AUTHORS`), and per row with a non-refresh step, that step's bytes over
+    ``minimum(model, block_size)`` (:func:`minimum_other_step_bytes`)."""
+    counted = [r for r in rows if "per_step" in (r.get("counts") or {})]
+    for row in counted:
+        counts = row["counts"]
+        authors = [
+            r
+            for r in counted
+            if r["optimizer"] == AUTHORS.get(row.get("method") or "")
+            and (r["model"], r["block_size"], r["frequency"])
+            == (row["model"], row["block_size"], row["frequency"])
+        ]
+        if row["kind"] == "dash" and authors:
+            theirs = authors[0]["counts"]["per_step"]
+            for key in ("kernels", "bytes"):
+                counts[f"{key}_vs_authors"] = counts["per_step"][key] / theirs[key] if theirs[key] else None
+        if counts["other"] is not None and row["block_size"] is not None:
+            counts["other_vs_minimum"] = counts["other"]["bytes"] / minimum(row["model"], row["block_size"])
+
+
+COUNT_HEADER = (
+    "model", "optimizer", "B", "F", "stacking", "solver", "kernels refresh", "kernels other",
+    "kernels/step", "× authors' kernels", "host syncs/step", "matmul GFLOP/step", "GB refresh",
+    "GB other", "GB/step", "× authors' GB", "other GB / minimum", "eigh calls/step", "notes",
+)  # fmt: skip
+
+
+def _count_cells(row: dict[str, Any]) -> list[str]:
+    counts = row.get("counts") or {}
+    base = [row["model"], row["optimizer"], str(row["block_size"] or "–"), str(row["frequency"])]
+    base += [row.get("stacking") or "–", row.get("method") or "–"]
+    if "per_step" not in counts:
+        return base + ["–"] * (len(COUNT_HEADER) - len(base) - 1) + [counts.get("reason", "")]
+    refresh, other, per = counts["refresh"], counts["other"], counts["per_step"]
+
+    def number(value: float | None, digits: int = 0) -> str:
+        return "–" if value is None else f"{value:,.{digits}f}"
+
+    def times(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
+    syncs = ", ".join(f"{name} {n}" for name, n in (other or refresh)["sync_ops"].items())
+    return [
+        *base,
+        number(refresh["kernels"]),
+        number(other and other["kernels"]),
+        number(per["kernels"], 1 if other else 0),
+        times(counts.get("kernels_vs_authors")),
+        number(per["syncs"], 1 if other else 0),
+        number(per["matmul_flops"] / 1e9),
+        number(refresh["bytes"] / 1e9, 2),
+        number(other and other["bytes"] / 1e9, 2),
+        number(per["bytes"] / 1e9, 2),
+        times(counts.get("bytes_vs_authors")),
+        times(counts.get("other_vs_minimum")),
+        number(per["eigh_calls"], 1 if other else 0),
+        f"syncs: {syncs}" if syncs else "",
+    ]
+
+
+def count_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of the rows' counts."""
+    from ..results import markdown_table
+
+    return markdown_table(COUNT_HEADER, map(_count_cells, rows))
+
+
+COUNT_NOTES = (
+    "How to read the counts. Each step ran on the meta device (shapes, no data) under a dispatch "
+    "mode, so the accelerator's code path is counted (no CPU chunking) without a GPU: *kernels* are "
+    "aten ops on device tensors that are not views or allocations (eigh is one op of many kernels "
+    "and counted apart, in *eigh calls*); *host syncs* are reads of device data by the host "
+    "(`item`, `tolist`, a device-to-host copy), data-dependent shapes (`nonzero`) and blocking "
+    "host-to-device copies; *GB* are each kernel's tensor inputs read and outputs (or in-place "
+    "targets) written once, the traffic of unfused kernels; *matmul GFLOP* count `mm`, `bmm`, "
+    "`addmm`, `baddbmm`. Refresh is step 3 (F = 1) or step F, other is step F + 1; per step is "
+    "`(refresh + (F−1)·other)/F`. *× authors'* divides a DASH row by the authors' `DashGpu` with "
+    "the same model, B, F and solver (NDB ↔ `DashGpu`, eigh ↔ `DashGpu-evd`, fp32). *minimum* is "
+    "the bytes a step without a refresh cannot avoid: per parameter element the gradient read and "
+    "the gradient EMA, Adam second moment and weight read and written (28 B), per factor entry its "
+    "EMA read and written and its root read (12 B)."
+)

@@ -49,6 +49,7 @@ from ..linalg import METHODS, RootOptions, bmm, root_matmuls
 from ..optimizer import DASH, STACKINGS, RootCall
 from ..preconditioner import refresh_due
 from ..results import RunRecord, markdown_table, metadata_lines, ms, ratio, save_plot, spread, write_report
+from . import counts
 from .shapes import SET_NAMES, ShapeSet, factor_counts, make_parameters, shape_set
 from .timing import Interval, per_step, split_refresh, stats, sync, time_region, timed, torch_threads
 
@@ -119,6 +120,14 @@ PRESETS: dict[str, Preset] = {
         (Grid(("micro",), (64,), (1, 10), ("global", "none"), peers=True),),
         repeats=3,
     ),
+    "counts": Preset(
+        "the committed counts (use with --counts-only): llama-21m at block 256 (every stacking) and "
+        "one rank's share of the 953M model at block 1024, NDB and eigh, F 1 and 10, and the peers",
+        (
+            Grid(("llama-21m",), (256,), (1, 10), STACKINGS, ("ndb", "eigh"), peers=True),
+            Grid(("953m-rank",), (1024,), (1, 10), ("global", "none"), ("ndb", "eigh"), peers=True),
+        ),
+    ),
 }
 SAMPLING = ("warmup", "repeats", "refresh_repeats", "row_seconds")
 
@@ -160,6 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="torch CPU threads (default 1 on a CPU: on a shared machine a second thread waiting on a "
         "descheduled one made elementwise steps 30-100x slower; 0 keeps torch's default)",
+    )
+    add(
+        "--counts-only",
+        action="store_true",
+        help="only count each row's kernels, host syncs, FLOPs and bytes on the meta device (seconds, "
+        "any model size); no timing",
     )
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=Path("benchmarks/results"))
@@ -442,19 +457,54 @@ def _skip_reason(spec: RowSpec, shapes: ShapeSet, device: torch.device, fused: s
     return None
 
 
+def count_row(spec: RowSpec, shapes: ShapeSet) -> dict[str, Any]:
+    """The row's counts on the accelerator path (:func:`dash_shampoo.bench.counts.count_optimizer`),
+    or ``{"reason": ...}`` when the optimizer cannot be counted."""
+    if spec.kind == "adamw" and spec.fused:
+        return {"reason": "fused AdamW does not run on the meta device"}
+    reason = _skip_reason(spec, shapes, torch.device("cuda"), None)
+    if reason is not None:
+        return {"reason": reason}
+    try:
+        return counts.count_optimizer(
+            lambda params: _build(spec, params), [shape for _, shape in shapes.shapes], spec.frequency
+        )
+    except Exception as error:  # an optimizer that cannot run on meta tensors is a row, not a crash
+        return {"reason": f"failed on meta: {type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+
+
+def minimum_bytes(model: str, block_size: int) -> int:
+    """:func:`~dash_shampoo.bench.counts.minimum_other_step_bytes` of a model at ``block_size``."""
+    shapes = shape_set(model)
+    factor_elements = sum(n * n * k for n, k in factor_counts(shapes, block_size).items())
+    return counts.minimum_other_step_bytes(shapes.numel, factor_elements)
+
+
 def run_rows(
-    specs: list[RowSpec], device: torch.device, preset: Preset, seed: int, progress: Callable[[str], None]
+    specs: list[RowSpec],
+    device: torch.device,
+    preset: Preset,
+    seed: int,
+    progress: Callable[[str], None],
+    counts_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Time every row; a row that cannot run or raises keeps its reason instead of times."""
+    """Count and time every row (``counts_only``: count only); a row that cannot run or raises keeps
+    its reason instead of times."""
     rows: list[dict[str, Any]] = []
     fused = _fused_reason(device)
     for model in dict.fromkeys(spec.model for spec in specs):
         shapes = shape_set(model)
+        if counts_only:
+            for spec in (spec for spec in specs if spec.model == model):
+                rows.append({**_row_record(spec), "counts": count_row(spec, shapes)})
+                progress(f"  {_row_name(rows[-1])}: counted")
+            continue
         progress(f"[{model}] {shapes.numel / 1e6:.1f}M parameters: building tensors")
         params = make_parameters(shapes, device, seed=seed)
         grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
         for spec in (spec for spec in specs if spec.model == model):
             record = _row_record(spec)
+            record["counts"] = count_row(spec, shapes)
             reason = _skip_reason(spec, shapes, device, fused)
             if reason is None:
                 try:
@@ -587,11 +637,19 @@ def markdown(report: dict[str, Any]) -> str:
     models = ", ".join(
         f"`{m['name']}` ({m['numel'] / 1e6:.1f}M: {m['description']})" for m in report["models"]
     )
+    header = [f"# Optimizer step benchmark — {report['device']}", "", *metadata_lines(report)]
+    count_section = [
+        "## Kernels, host syncs, FLOPs and bytes per step (accelerator path, counted on meta tensors)",
+        "",
+        counts.count_table(report["rows"]),
+        counts.COUNT_NOTES,
+        "",
+    ]
+    if report.get("counts_only"):
+        return "\n".join([*header, f"- preset `{report['preset']}`; models: {models}", "", *count_section])
     return "\n".join(
         [
-            f"# Optimizer step benchmark — {report['device']}",
-            "",
-            *metadata_lines(report),
+            *header,
             f"- preset `{report['preset']}`; warm-up {report['warmup']} step(s), {report['repeats']} timed "
             f"samples per step kind, {report['refresh_repeats']} refresh sample(s) when F > 1, row cap "
             f"{report['row_seconds']} s",
@@ -612,6 +670,7 @@ def markdown(report: dict[str, Any]) -> str:
             "`state_dict()['state']`. Timings on a shared machine are noisy: compare medians and look "
             "at the [min–max] spread; n=1 means one sample only.",
             "",
+            *count_section,
         ]
     )
 
@@ -663,11 +722,12 @@ def _run(args: argparse.Namespace, preset: Preset, device: torch.device) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    progress(f"preset {args.preset}: {len(specs)} rows on {record.device}; calibrating bmm")
-    calibration = calibrate(specs, device, preset.bmm_flops)
-    rows = run_rows(specs, device, preset, args.seed, progress)
+    progress(f"preset {args.preset}: {len(specs)} rows on {record.device}")
+    calibration = {} if args.counts_only else calibrate(specs, device, preset.bmm_flops)
+    rows = run_rows(specs, device, preset, args.seed, progress, args.counts_only)
     add_ratios(rows)
     add_efficiency(rows, calibration)
+    counts.add_count_ratios(rows, minimum_bytes)
     models = [shape_set(name) for name in dict.fromkeys(spec.model for spec in specs)]
     report = {
         **record.metadata(),
@@ -679,9 +739,11 @@ def _run(args: argparse.Namespace, preset: Preset, device: torch.device) -> int:
         "calibration": {"precision": "fp32", "bmm": list(calibration.values())},
         "rows": rows,
     }
-    print(table(rows))
+    report["counts_only"] = args.counts_only
+    print(counts.count_table(rows) if args.counts_only else table(rows))
     if args.out is not None:
-        plotter = None if args.no_plot else plot
-        written = write_report(record.stem(args.out, "step"), report, markdown(report), plotter, default=str)
+        plotter = None if args.no_plot or args.counts_only else plot
+        name = "step-counts" if args.counts_only else "step"
+        written = write_report(record.stem(args.out, name), report, markdown(report), plotter, default=str)
         progress("wrote " + ", ".join(map(str, written)))
     return 0

@@ -7,6 +7,7 @@ from .roots import (
     RootOptions,
     eigh_with_fallback,
     inverse_root,
+    ridge,
     root_matmuls,
     solve_inverse_root,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "inverse_root",
     "matmul_precision",
     "power_iteration",
+    "ridge",
     "root_matmuls",
     "round_to",
     "solve_inverse_root",

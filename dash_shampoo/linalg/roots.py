@@ -45,13 +45,17 @@ def _eye_like(A: torch.Tensor) -> torch.Tensor:
     return torch.eye(A.shape[-1], device=A.device, dtype=A.dtype).expand_as(A)
 
 
-def ridge(A: torch.Tensor, eps: float, relative_eps: float) -> float | torch.Tensor:
+def ridge(
+    A: torch.Tensor, eps: float, relative_eps: float, mean_eigenvalue: torch.Tensor | None = None
+) -> float | torch.Tensor:
     """The ridge added to each matrix: ``eps + relative_eps · tr(A)/n`` (a float when
-    ``relative_eps`` is 0, else one per matrix, shape (N,), in the compute dtype)."""
+    ``relative_eps`` is 0, else one per matrix, shape (N,), in the compute dtype). ``mean_eigenvalue``:
+    ``tr(A)/n`` when the caller has it."""
     if not relative_eps:
         return eps
-    mean_eigenvalue = A.to(_compute_dtype(A)).diagonal(dim1=-2, dim2=-1).mean(dim=-1)
-    return eps + relative_eps * mean_eigenvalue
+    if mean_eigenvalue is None:
+        mean_eigenvalue = A.to(_compute_dtype(A)).diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+    return mean_eigenvalue * relative_eps + eps
 
 
 def _power_of_two_scale(diagonal: torch.Tensor, p: float) -> torch.Tensor:
@@ -570,9 +574,11 @@ def solve_inverse_root(
     out: torch.Tensor | None = None,
     iterations: torch.Tensor | None = None,
     finite: bool = False,
+    ridge_of: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`inverse_root` with options validated beforehand (see there for the arguments);
-    ``finite``: the caller guarantees that every matrix of ``A`` is finite (fewer passes for eigh).
+    ``finite``: the caller guarantees that every matrix of ``A`` is finite (fewer passes for eigh);
+    ``ridge_of``: :func:`ridge` of ``A`` with these options, when the caller has computed it.
 
     On the CPU the stack is solved in chunks of :data:`CPU_CHUNK_ELEMENTS` per torch thread; on an
     accelerator in one batched call. The matmul precision is set once for the whole call.
@@ -592,13 +598,14 @@ def solve_inverse_root(
     size = matrices_per_chunk(A, CPU_CHUNK_ELEMENTS)
     with matmul_precision(options.precision, A.device):
         if size >= A.shape[0] and out is None:
-            return _solve(A, p, options, generator, start, iterations, finite).to(A.dtype)
+            return _solve(A, p, options, generator, start, iterations, finite, ridge_of).to(A.dtype)
         result = torch.empty_like(A) if out is None else out
         for first in range(0, A.shape[0], size):
             rows = slice(first, first + size)
             counts = None if iterations is None else iterations[rows]
             vectors = None if start is None else start[rows]
-            result[rows] = _solve(A[rows], p, options, generator, vectors, counts, finite)
+            added = ridge_of[rows] if isinstance(ridge_of, torch.Tensor) else ridge_of
+            result[rows] = _solve(A[rows], p, options, generator, vectors, counts, finite, added)
     return result
 
 
@@ -610,12 +617,15 @@ def _solve(
     start: torch.Tensor | None,
     iterations: torch.Tensor | None,
     finite: bool = False,
+    added: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One chunk: ridge, scale, the method's loop; the root in the compute dtype.
 
-    ``finite``: the caller guarantees finite matrices (see :func:`eigh_with_fallback`).
+    ``finite``: the caller guarantees finite matrices (see :func:`eigh_with_fallback`); ``added``:
+    the chunk's :func:`ridge` when the caller has computed it.
     """
-    added = ridge(A, options.eps, options.relative_eps)
+    if added is None:
+        added = ridge(A, options.eps, options.relative_eps)
     A = A.to(_compute_dtype(A))
     if options.method == "eigh":
         return _eigh_root(A, p, options.eps, added, options.eigen_fix, finite)
