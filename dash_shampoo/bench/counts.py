@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -100,6 +101,30 @@ def _mutated(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     return written
 
 
+#: Factories that copy host data to their ``device`` without dispatching a copy on meta tensors.
+_FACTORIES = {torch.tensor: None, torch.as_tensor: 2, torch.asarray: None}
+
+
+class _HostData(TorchFunctionMode):
+    """Sees ``torch.tensor(data, device=...)`` and its kin, whose host-to-device copy dispatches
+    nothing when the device is meta, and tells its :class:`StepCounter`."""
+
+    def __init__(self, counter: StepCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _FACTORIES:
+            position = _FACTORIES[func]
+            device = kwargs.get(
+                "device", args[position] if position is not None and len(args) > position else None
+            )
+            if device is not None and torch.device(device) == DEVICE:
+                self.counter._sync("host-to-device copy")
+        return func(*args, **kwargs)
+
+
 class StepCounter(TorchDispatchMode):
     """Counts the kernels, host syncs, matmul FLOPs and bytes of the ops dispatched inside it into
     :attr:`counts` (reset it with ``counter.counts = Counts()``). Tensors on :data:`DEVICE` are the
@@ -108,6 +133,15 @@ class StepCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts = Counts()
+        self._host_data = _HostData(self)
+
+    def __enter__(self) -> StepCounter:
+        self._host_data.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._host_data.__exit__(*exc)
 
     def _sync(self, name: str) -> None:
         self.counts.syncs += 1
