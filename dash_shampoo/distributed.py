@@ -152,11 +152,11 @@ def check_same_everywhere(group: Any, fingerprint: list) -> None:
             )
 
 
-def all_finite(group: Any, local: torch.Tensor) -> bool:
-    """True when ``local`` (a 0-d bool tensor) is true on every rank (one host synchronisation)."""
+def all_finite(group: Any, local: bool) -> bool:
+    """True when ``local`` is true on every rank (one small all-reduce; none without a group)."""
     if group is None:
-        return bool(local)
-    flag = local.to(device=_collective_device(group), dtype=torch.int32).reshape(1)
+        return local
+    flag = torch.tensor([int(local)], dtype=torch.int32, device=_collective_device(group))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 

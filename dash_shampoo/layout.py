@@ -34,6 +34,9 @@ from .linalg.roots import root_matmuls
 from .options import check_group
 from .stacks import Bank, BlockRun, Scale, Stack, bind
 
+#: The parameters with a gradient this step, by ``id`` (dynamo traces no sets of tensors).
+Active = dict[int, torch.Tensor]
+
 #: State entries of a whole parameter (the others are region tensors, one row per block).
 PER_PARAMETER = ("step", "shape")
 
@@ -133,10 +136,10 @@ class Regions:
 
 
 def collect_regions(
-    groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict], active: set[torch.Tensor]
+    groups: Sequence[dict[str, Any]], state: dict[torch.Tensor, dict], active: Active
 ) -> Regions:
     """Every parameter's regions in canonical order; a parameter is used when it has a gradient now
-    (``active``) or state from an earlier step. Changes nothing.
+    (in ``active``) or state from an earlier step. Changes nothing.
 
     Raises:
         ValueError: a used parameter's state does not fit it (:func:`check_state`: saved for another
@@ -147,7 +150,7 @@ def collect_regions(
     for g_index, group in enumerate(groups):
         for p_index, p in enumerate(group["params"]):
             # Reading state[p] of a defaultdict would create an entry; torch's optimizers create none.
-            used = p.numel() > 0 and (p in active or (p in state and "step" in state[p]))
+            used = p.numel() > 0 and (id(p) in active or (p in state and "step" in state[p]))
             regions.fingerprint.append((g_index, p_index, tuple(p.shape), used))
             if p.numel() == 0:
                 continue
@@ -436,42 +439,43 @@ class Layout:
     exchange: distributed.RootExchange | None
     signature: tuple
 
-    def covers(self, active: set[torch.Tensor]) -> bool:
+    def covers(self, active: Active) -> bool:
         """True when every parameter with a gradient already has its blocks in the layout."""
-        return active.issubset(self.params)
+        known = {id(p) for p in self.params}
+        return all(key in known for key in active)
 
     def apply(
         self,
         updates: list[tuple[torch.Tensor, Scale]],
-        targets: dict[torch.Tensor, torch.Tensor],
-        active: set[torch.Tensor],
+        targets: dict[int, torch.Tensor],
+        active: Active,
     ) -> None:
         """Subtract the update blocks ``scale · direction`` (``updates``: one pair per stack; the
         scale None, a number, or one per block) from the active parameters (``targets``: their
-        contiguous tensors)."""
+        contiguous tensors, by ``id``)."""
         for stack, (update, scale) in zip(self.stacks, updates):
             per_block = isinstance(scale, torch.Tensor) and scale.dim() == 3
             for run in stack.runs:
-                if run.param in active:
+                if id(run.param) in active:
                     factor = stack.of(run, scale) if per_block else scale
-                    run.subtract_from(targets[run.param], stack.of(run, update), factor)
+                    run.subtract_from(targets[id(run.param)], stack.of(run, update), factor)
 
     def save_rows(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, slice, torch.Tensor]]:
         """Copies of every state row that belongs to ``params``, as ``(tensor, rows, copy)`` (restored
         by :meth:`restore_rows`)."""
-        wanted = set(params)
+        wanted = {id(p) for p in params}
         places = [
             (tensor, slice(run.row, run.row + run.count))
             for stack in self.stacks
             for run in stack.runs
-            if run.param in wanted
+            if id(run.param) in wanted
             for tensor in stack.tensors.values()
         ]
         places += [
             (tensor, slice(rows.start, rows.stop))
             for bank in self.banks
             for run, rows in bank.rows_by_run()
-            if run.param in wanted
+            if id(run.param) in wanted
             for tensor in (bank.factors, bank.roots)
         ]
         return [(tensor, rows, tensor[rows].clone()) for tensor, rows in places]

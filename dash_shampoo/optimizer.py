@@ -359,14 +359,14 @@ class DASH(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = set()
+        active: layout.Active = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or p.numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("DASH does not support sparse gradients")
-                active.add(p)
+                active[id(p)] = p
         if not active:
             return loss
         self._checks.check(self.param_groups)
@@ -383,10 +383,10 @@ class DASH(Optimizer):
         if candidates is None:
             return loss
 
-        inactive = [p for p in plan.params if p not in active]
+        inactive = [p for p in plan.params if id(p) not in active]
         saved = plan.save_rows(inactive) if inactive else []
         before = [stack.save_rows(rows) for stack, rows in candidates]
-        for p in active:
+        for p in active.values():
             self.state[p]["step"] += 1
         self._update_statistics(plan.stacks)
         # A block whose g gᵀ, gᵀ g or g² overflowed is skipped: its state is put back (now, and again
@@ -408,20 +408,20 @@ class DASH(Optimizer):
             if plan.exchange is not None:
                 plan.exchange.run(self._process_group, due)
         self._apply_weight_decay(active)
-        shards = {p: local_tensor(p) for p in active}  # a DTensor's rows here
-        targets = {p: t if t.is_contiguous() else t.contiguous() for p, t in shards.items()}
+        shards = {key: local_tensor(p) for key, p in active.items()}  # a DTensor's rows here
+        targets = {key: t if t.is_contiguous() else t.contiguous() for key, t in shards.items()}
         updates = [self._direction(stack) for stack in plan.stacks]
         for stack, rows in overflowing:  # zero updates (a NaN direction times a zero scale is NaN)
             for part in updates[plan.stacks.index(stack)]:
                 if isinstance(part, torch.Tensor) and part.dim() == 3:
                     part.index_fill_(0, rows, 0.0)
         plan.apply(updates, targets, active)
-        for p in [p for p, target in targets.items() if target is not shards[p]]:
-            shards[p].copy_(targets[p])
+        for key in [key for key, target in targets.items() if target is not shards[key]]:
+            shards[key].copy_(targets[key])
         plan.restore_rows(saved)
         return loss
 
-    def _build_layout(self, active: set[torch.Tensor]) -> Layout:
+    def _build_layout(self, active: layout.Active) -> Layout:
         """A new layout for the parameters used now (the shares are re-planned from the full state)."""
         regions = layout.collect_regions(self.param_groups, self.state, active)
         distributed.check_same_everywhere(self._process_group, regions.fingerprint)
@@ -451,7 +451,7 @@ class DASH(Optimizer):
                 exact = cpu or (math.isfinite(value) and not may_overflow(value, stack.shape))
                 peaks[id(stack)] = value if exact else float(peak_abs(stack.grad))
         bad = [s for s in plan.stacks if not math.isfinite(peaks[id(s)])]
-        if not distributed.all_finite(self._process_group, torch.tensor(not bad)):
+        if not distributed.all_finite(self._process_group, not bad):
             if self.nonfinite == "raise":
                 names = sorted(
                     {f"group {s.group_index}, shape {tuple(r.param.shape)}" for s in bad for r in s.runs}
@@ -540,10 +540,10 @@ class DASH(Optimizer):
             total = distributed.all_reduce_sum(self._process_group, total)
         self._failure_counts(device)[0] += total
 
-    def _apply_weight_decay(self, active: set[torch.Tensor]) -> None:
+    def _apply_weight_decay(self, active: layout.Active) -> None:
         for group in self.param_groups:
             wd = group["weight_decay"]
-            params = [local_tensor(p) for p in group["params"] if p in active]
+            params = [local_tensor(p) for p in group["params"] if id(p) in active]
             if wd and params:
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
 
@@ -598,14 +598,14 @@ class DASH(Optimizer):
         return out, None
 
 
-def _initializing_step(groups: list[dict[str, Any]], active: set[torch.Tensor]) -> bool:
+def _initializing_step(groups: list[dict[str, Any]], active: layout.Active) -> bool:
     """Whether a first step is ``torch.distributed.checkpoint``'s state initialisation (every lr 0,
     every gradient zero: ``get_optimizer_state_dict`` on a fresh optimizer). Such a step creates the
     state but is not counted, so it does not consume the first refresh (one host read, once)."""
     for lr in (group["lr"] for group in groups):
         if not (lr.device.type == "cpu" and bool(lr == 0) if isinstance(lr, torch.Tensor) else lr == 0):
             return False
-    peaks = [peak_abs(g).float().cpu() for g in (local_tensor(p.grad) for p in active) if g.numel()]
+    peaks = [peak_abs(g).float().cpu() for g in (local_tensor(p.grad) for p in active.values()) if g.numel()]
     return not peaks or float(torch.stack(peaks).max()) == 0.0
 
 

@@ -110,7 +110,7 @@ def test_bench_step_counts_only(tmp_path: Path) -> None:
     """``bench step --counts-only`` counts every row on the meta device and writes its table."""
     argv = ["bench", "step", "--preset", "quick", "--counts-only", "--out", str(tmp_path)]
     assert main([*argv, "--peers", "none"]) == 0
-    report = json.loads((tmp_path / "step-counts-cpu.json").read_text())
+    report = json.loads((tmp_path / "step-counts.json").read_text())
     assert report["counts_only"] is True
     dash = [r for r in report["rows"] if r["kind"] == "dash"]
     assert dash and all(r["counts"]["per_step"]["syncs"] == 1 for r in dash)
@@ -119,5 +119,5 @@ def test_bench_step_counts_only(tmp_path: Path) -> None:
             assert row["counts"]["other_vs_minimum"] > 1.0  # no step moves fewer bytes than it must
     foreach = [r for r in report["rows"] if r["optimizer"] == "AdamW (foreach)"]
     assert foreach[0]["counts"]["per_step"]["syncs"] == 0
-    text = (tmp_path / "step-counts-cpu.md").read_text()
+    text = (tmp_path / "step-counts.md").read_text()
     assert "kernels refresh" in text and "How to read the counts" in text

@@ -22,9 +22,13 @@ def _groups(shapes=SHAPES, **options):
     return [{**group, "params": params}]
 
 
+def _active(params) -> layout.Active:
+    return {id(p): p for p in params}
+
+
 def _build(groups, stacking="global", active=None, rank=0, world_size=1, state=None):
     state = {} if state is None else state
-    active = set(groups[0]["params"]) if active is None else active
+    active = _active(groups[0]["params"] if active is None else active)
     regions = layout.collect_regions(groups, state, active)
     return layout.build(groups, state, regions, stacking, rank, world_size), state
 
@@ -33,7 +37,7 @@ def test_collect_regions_is_canonical_and_changes_nothing():
     groups = _groups()
     params = groups[0]["params"]
     state: dict = {}
-    regions = layout.collect_regions(groups, state, {params[0], params[2]})
+    regions = layout.collect_regions(groups, state, _active([params[0], params[2]]))
     assert state == {}
     assert regions.params == [params[0], params[2]]
     assert [(e.param_index, e.region, e.used) for e in regions.entries] == [
@@ -122,12 +126,12 @@ def test_every_rank_holds_every_block_and_each_root_has_one_owner():
 def test_unused_parameters_count_in_the_ownership_but_get_no_rows():
     groups = _groups()
     params = groups[0]["params"]
-    plan, state = _build(groups, active={params[0]})
+    plan, state = _build(groups, active=[params[0]])
     assert plan.params == [params[0]] and set(state) == {params[0]}
     assert {run.param for stack in plan.stacks for run in stack.runs} == {params[0]}
     everything, _ = _build(groups)
     assert plan.ownership.bounds == everything.ownership.bounds  # the same cut either way
-    assert plan.covers({params[0]}) and not plan.covers({params[0], params[1]})
+    assert plan.covers(_active([params[0]])) and not plan.covers(_active([params[0], params[1]]))
 
 
 def test_save_and_restore_rows_of_some_parameters():
@@ -153,7 +157,7 @@ def test_saved_state_with_another_block_size_is_refused():
     with pytest.raises(
         ValueError, match=r"'grad_ema.0' of shape \(1, 8, 8\), but block_size 4 gives \(4, 4, 4\)"
     ):
-        layout.collect_regions(groups, state, {p})
+        layout.collect_regions(groups, state, _active([p]))
 
 
 def test_signature_follows_the_layout_options_only():

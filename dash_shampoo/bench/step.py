@@ -637,7 +637,8 @@ def markdown(report: dict[str, Any]) -> str:
     models = ", ".join(
         f"`{m['name']}` ({m['numel'] / 1e6:.1f}M: {m['description']})" for m in report["models"]
     )
-    header = [f"# Optimizer step benchmark — {report['device']}", "", *metadata_lines(report)]
+    title = "counts (accelerator path, meta tensors)" if report.get("counts_only") else "benchmark"
+    header = [f"# Optimizer step {title} — {report['device']}", "", *metadata_lines(report)]
     count_section = [
         "## Kernels, host syncs, FLOPs and bytes per step (accelerator path, counted on meta tensors)",
         "",
@@ -743,7 +744,8 @@ def _run(args: argparse.Namespace, preset: Preset, device: torch.device) -> int:
     print(counts.count_table(rows) if args.counts_only else table(rows))
     if args.out is not None:
         plotter = None if args.no_plot or args.counts_only else plot
-        name = "step-counts" if args.counts_only else "step"
-        written = write_report(record.stem(args.out, name), report, markdown(report), plotter, default=str)
+        # Counts do not depend on the machine that counts them (meta tensors): no device in the name.
+        stem = args.out / "step-counts" if args.counts_only else record.stem(args.out, "step")
+        written = write_report(stem, report, markdown(report), plotter, default=str)
         progress("wrote " + ", ".join(map(str, written)))
     return 0
