@@ -46,6 +46,7 @@ class Peer:
         build: ``build(params, block_size, frequency, lr=LR)``, called after the import succeeded.
         check: optional ``check(shapes, block_size, device)`` returning a reason to skip, or None.
         load: imports the package (default: ``import`` of the name's first part).
+        solver: the DASH root method this peer's algorithm matches (``"ndb"``, ``"eigh"``), if any.
     """
 
     name: str
@@ -53,6 +54,7 @@ class Peer:
     build: Builder
     check: Callable[[Shapes, int, torch.device], str | None] | None = None
     load: Callable[[], Any] | None = None
+    solver: str | None = None
 
     def describe(self, block_size: int, frequency: int) -> str:
         """:attr:`settings` with the block size and frequency filled in."""
@@ -227,6 +229,22 @@ PEERS: tuple[Peer, ...] = (
             eps=1e-8,
             matrix_eps=1e-10,
         ),
+        solver="ndb",
+    ),
+    Peer(
+        "pytorch_optimizer.DASH-eigh",
+        "B={B}, F={F}; eigh roots; per-layer loop (layerwise batching only); same Adam grafting, "
+        "EMA 0.95, matrix_eps 1e-10",
+        _constructor(
+            "pytorch_optimizer.DASH",
+            "block_size",
+            "precondition_frequency",
+            betas=BETAS,
+            inverse_root_method="eigh",
+            eps=1e-8,
+            matrix_eps=1e-10,
+        ),
+        solver="eigh",
     ),
     Peer(
         "pytorch_optimizer.Shampoo",
@@ -271,6 +289,7 @@ PEERS: tuple[Peer, ...] = (
         "fp32 matmuls, Adam grafting, AdamW on 1-D parameters",
         _dash_gpu("ndb"),
         load=authors_dash,
+        solver="ndb",
     ),
     Peer(
         "ista_daslab_optimizers.DashGpu-evd",
@@ -278,6 +297,7 @@ PEERS: tuple[Peer, ...] = (
         "1-D parameters",
         _dash_gpu("evd"),
         load=authors_dash,
+        solver="eigh",
     ),
 )
 

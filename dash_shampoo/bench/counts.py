@@ -17,7 +17,9 @@ no arithmetic (one rank's share of the 953M model counts in seconds) and cannot 
   place, written once (an in-place op reads and writes its target; ``copy_``, ``fill_`` and
   ``zero_`` only write it; ``out=`` is written, not read). This is the traffic of unfused kernels,
   the bound on everything that is not a large matmul;
-- **matmul FLOPs** are ``2·m·n·k`` per product of ``mm``, ``bmm``, ``addmm`` and ``baddbmm``.
+- **matmul FLOPs** are ``2·m·n·k`` per product of ``mm``, ``bmm``, ``addmm`` and ``baddbmm``; an
+  out-of-place ``addmm``/``baddbmm`` with ``beta != 0`` also copies its addend into its output
+  first (one more kernel; the output written, then read and written by the product).
 
 Ops on host tensors (e.g. step counters kept on the CPU) launch nothing on the device and are
 counted apart (:attr:`Counts.host_ops`).
@@ -50,6 +52,8 @@ _DATA_DEPENDENT = {aten.nonzero, aten.masked_select, aten.unique_dim, aten._uniq
 #: In-place ops that write their first argument without reading it.
 _WRITE_ONLY = {aten.copy_, aten.fill_, aten.zero_}
 _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
+#: Out-of-place products with an addend (``beta·c + a @ b``; their in-place forms add into ``c``).
+_ADDED_MATMULS = {aten.addmm, aten.baddbmm}
 
 
 @dataclass
@@ -190,6 +194,13 @@ class StepCounter(TorchDispatchMode):
         self.counts.op_bytes[name] += moved
         if packet in _MATMULS:
             self.counts.matmul_flops += _matmul_flops(func, args, outputs[0])
+        if packet in _ADDED_MATMULS and kwargs.get("beta", 1) != 0:
+            # The BLAS product adds into its output, so the addend is first copied there: a copy
+            # kernel, and the output read back by the product.
+            self.counts.kernels += 1
+            self.counts.ops["copy_"] += 1
+            self.counts.bytes += 3 * _nbytes(outputs[0])
+            self.counts.op_bytes[name] += 3 * _nbytes(outputs[0])
         return out
 
 

@@ -33,6 +33,7 @@ import dataclasses
 import gc
 import itertools
 import math
+import random
 import statistics
 import sys
 import time
@@ -171,6 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "descheduled one made elementwise steps 30-100x slower; 0 keeps torch's default)",
     )
     add(
+        "--interleave",
+        action="store_true",
+        help="build every optimizer of a model first, then step them in turn in a reshuffled order "
+        "(drifts of a shared machine fall on every row alike); default: one row after another",
+    )
+    add(
         "--counts-only",
         action="store_true",
         help="only count each row's kernels, host syncs, FLOPs and bytes on the meta device (seconds, "
@@ -210,7 +217,10 @@ def plan(preset: Preset, args: argparse.Namespace) -> list[RowSpec]:
             for stacking, method in itertools.product(grid.stackings, grid.methods):
                 rows.append(RowSpec(model, "dash", "DASH", frequency, block, stacking, method))
             if grid.peers:
-                rows += [RowSpec(model, "peer", peer.name, frequency, block, peer=peer) for peer in peers]
+                rows += [
+                    RowSpec(model, "peer", peer.name, frequency, block, method=peer.solver, peer=peer)
+                    for peer in peers
+                ]
     rows = [row for row in rows if _wanted(row, args)]
     ordered = []
     for model in dict.fromkeys(row.model for row in rows):
@@ -351,76 +361,150 @@ def _restore_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> Non
             p.grad.copy_(g)
 
 
-def sample_steps(
-    step: Callable[[int], Interval], frequency: int, preset: Preset, device: torch.device
-) -> tuple[list[tuple[int, float]], bool]:
-    """Run ``preset.warmup`` untimed steps, then timed ones until the preset's samples are in or its
-    row time is up with one step of each kind; ``step(t)`` runs step ``t`` (device not synced).
+class Sampler:
+    """Which step a row runs next: ``preset.warmup`` untimed steps, then timed ones until the
+    preset's samples are in (``repeats`` other and ``refresh_repeats`` refresh steps when
+    ``F > 1``), or its row time is up with one step of each kind."""
 
-    Returns the ``(step, seconds)`` samples and whether the row time cut sampling short.
-    """
-    wanted = (preset.repeats, 0) if frequency == 1 else (preset.refresh_repeats, preset.repeats)
-    least = (1, 0) if frequency == 1 else (1, 1)
-    for t in range(1, preset.warmup + 1):
-        step(t)
-    sync(device)
-    t, timed_steps, cut_short = preset.warmup, [], False
-    began = time.perf_counter()
-    while True:
-        refreshes = sum(refresh_due(s, 1, frequency) for s, _ in timed_steps)
-        counts = (refreshes, len(timed_steps) - refreshes)
-        if all(c >= w for c, w in zip(counts, wanted)):
-            break
-        if time.perf_counter() - began > preset.row_seconds and all(c >= w for c, w in zip(counts, least)):
-            cut_short = True
-            break
-        t += 1
-        timed_steps.append((t, step(t)))
-    sync(device)
-    return [(s, interval.seconds) for s, interval in timed_steps], cut_short
+    def __init__(self, frequency: int, preset: Preset) -> None:
+        self.frequency, self.preset = frequency, preset
+        self.wanted = (preset.repeats, 0) if frequency == 1 else (preset.refresh_repeats, preset.repeats)
+        self.least = (1, 0) if frequency == 1 else (1, 1)
+        self.t = 0
+        self.timed: list[tuple[int, Interval]] = []
+        self.began: float | None = None
+        self.cut_short = False
+
+    def next_step(self) -> int | None:
+        """The next step to run, or None when sampling is over."""
+        if self.t >= self.preset.warmup:
+            refreshes = sum(refresh_due(s, 1, self.frequency) for s, _ in self.timed)
+            counts = (refreshes, len(self.timed) - refreshes)
+            if all(c >= w for c, w in zip(counts, self.wanted)):
+                return None
+            enough = all(c >= w for c, w in zip(counts, self.least))
+            if (
+                self.began is not None
+                and time.perf_counter() - self.began > self.preset.row_seconds
+                and enough
+            ):
+                self.cut_short = True
+                return None
+        return self.t + 1
+
+    def record(self, t: int, interval: Interval) -> None:
+        """Step ``t`` took ``interval`` (warm-up steps are not kept)."""
+        self.t = t
+        if t > self.preset.warmup:
+            self.timed.append((t, interval))
+        elif t == self.preset.warmup:
+            self.began = time.perf_counter()
+
+    @property
+    def samples(self) -> list[tuple[int, float]]:
+        """``(step, seconds)`` of the timed steps (after the device is synchronised)."""
+        return [(t, interval.seconds) for t, interval in self.timed]
+
+
+class RowRun:
+    """One row's optimizer, stepped one step at a time (:meth:`step`), then summarised
+    (:meth:`measurements`)."""
+
+    def __init__(
+        self, spec: RowSpec, params: list[torch.Tensor], grads: list[torch.Tensor], device: torch.device
+    ):
+        self.spec, self.params, self.grads, self.device = spec, params, grads, device
+        self.optimizer = _build(spec, params)
+        self.recorder, self.handle = None, None
+        if isinstance(self.optimizer, DASH):
+            self.recorder = SolverRecorder(device)
+            self.handle = self.optimizer.register_root_hook(self.recorder)
+        self.began = time.perf_counter()
+
+    def step(self, t: int) -> Interval:
+        """Run step ``t`` on the row's gradient (put back first, untimed; the device not
+        synchronised)."""
+        if self.recorder is not None:
+            self.recorder.step = t
+        _restore_grads(self.params, self.grads)
+        return time_region(self.optimizer.step, self.device)[1]
+
+    def measurements(self, sampler: Sampler) -> dict[str, Any]:
+        """The row's times, state size and solver summary from ``sampler``'s samples."""
+        if self.handle is not None:
+            self.handle.remove()
+        sync(self.device)
+        samples = sampler.samples
+        refresh, other = (stats(part) for part in split_refresh(samples, self.spec.frequency))
+        numel = sum(p.numel() for p in self.params)
+        row: dict[str, Any] = {
+            "refresh": refresh,
+            "other": other,
+            "per_step": per_step(self.spec.frequency, refresh, other),
+            "samples": samples,
+            "row_seconds": time.perf_counter() - self.began,
+            "cut_short": sampler.cut_short,
+            "state_bytes_per_param": peers_module.state_bytes(self.optimizer.state_dict()["state"]) / numel,
+        }
+        if isinstance(self.optimizer, DASH) and self.recorder is not None:
+            row["solver"] = self.recorder.summary([s for s, _ in samples])
+            row["root_failures"] = self.optimizer.root_failures
+        if self.device.type == "cuda":
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return row
 
 
 def time_row(
     spec: RowSpec, params: list[torch.Tensor], grads: list[torch.Tensor], device: torch.device, preset: Preset
 ) -> dict[str, Any]:
     """Build the optimizer of ``spec``, warm it up, time its steps; the row's measurements."""
-    optimizer = _build(spec, params)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the row's own peak, not the run's
-    recorder, handle = None, None
-    if isinstance(optimizer, DASH):
-        recorder = SolverRecorder(device)
-        handle = optimizer.register_root_hook(recorder)
+    run, sampler = RowRun(spec, params, grads, device), Sampler(spec.frequency, preset)
+    while (t := sampler.next_step()) is not None:
+        sampler.record(t, run.step(t))
+        if t == preset.warmup:
+            sync(device)
+    return run.measurements(sampler)
 
-    def step(t: int) -> Interval:
-        if recorder is not None:
-            recorder.step = t
-        _restore_grads(params, grads)
-        return time_region(optimizer.step, device)[1]
 
-    began = time.perf_counter()
-    try:
-        samples, cut_short = sample_steps(step, spec.frequency, preset, device)
-    finally:
-        if handle is not None:
-            handle.remove()
-    refresh, other = (stats(part) for part in split_refresh(samples, spec.frequency))
-    numel = sum(p.numel() for p in params)
-    row: dict[str, Any] = {
-        "refresh": refresh,
-        "other": other,
-        "per_step": per_step(spec.frequency, refresh, other),
-        "samples": samples,
-        "row_seconds": time.perf_counter() - began,
-        "cut_short": cut_short,
-        "state_bytes_per_param": peers_module.state_bytes(optimizer.state_dict()["state"]) / numel,
-    }
-    if isinstance(optimizer, DASH) and recorder is not None:
-        row["solver"] = recorder.summary([s for s, _ in samples])
-        row["root_failures"] = optimizer.root_failures
-    if device.type == "cuda":
-        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return row
+def time_interleaved(
+    specs: list[RowSpec],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    device: torch.device,
+    preset: Preset,
+    seed: int,
+) -> list[dict[str, Any] | str]:
+    """Time the rows of one model together: every optimizer is built first, then at each step
+    every row still sampling runs once, in an order reshuffled at every step (seeded), so slow
+    drifts of the machine fall on every row alike. Per row its measurements, or the reason it
+    failed."""
+    order = random.Random(seed)
+    runs: dict[int, tuple[RowRun, Sampler]] = {}
+    results: dict[int, dict[str, Any] | str] = {}
+    for i, spec in enumerate(specs):
+        try:
+            runs[i] = (RowRun(spec, params, grads, device), Sampler(spec.frequency, preset))
+        except Exception as error:  # a failing optimizer is a row, never a crash
+            results[i] = _failure(error)
+    while runs:
+        for i in order.sample(sorted(runs), len(runs)):
+            run, sampler = runs[i]
+            t = sampler.next_step()
+            try:
+                if t is not None:
+                    sampler.record(t, run.step(t))
+                    continue
+                results[i] = run.measurements(sampler)
+            except Exception as error:
+                results[i] = _failure(error)
+            del runs[i]
+    return [results[i] for i in range(len(specs))]
+
+
+def _failure(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,9 +571,11 @@ def run_rows(
     seed: int,
     progress: Callable[[str], None],
     counts_only: bool = False,
+    interleave: bool = False,
 ) -> list[dict[str, Any]]:
-    """Count and time every row (``counts_only``: count only); a row that cannot run or raises keeps
-    its reason instead of times."""
+    """Count and time every row (``counts_only``: count only; ``interleave``: a model's rows
+    stepped in turn, :func:`time_interleaved`); a row that cannot run or raises keeps its reason
+    instead of times."""
     rows: list[dict[str, Any]] = []
     fused = _fused_reason(device)
     for model in dict.fromkeys(spec.model for spec in specs):
@@ -502,15 +588,26 @@ def run_rows(
         progress(f"[{model}] {shapes.numel / 1e6:.1f}M parameters: building tensors")
         params = make_parameters(shapes, device, seed=seed)
         grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
-        for spec in (spec for spec in specs if spec.model == model):
+        mine = [spec for spec in specs if spec.model == model]
+        reasons = [_skip_reason(spec, shapes, device, fused) for spec in mine]
+        together: dict[int, dict[str, Any] | str] = {}
+        if interleave:
+            runnable = [i for i, reason in enumerate(reasons) if reason is None]
+            progress(f"  {len(runnable)} rows stepped in turn")
+            timed_rows = time_interleaved([mine[i] for i in runnable], params, grads, device, preset, seed)
+            together = dict(zip(runnable, timed_rows))
+        for i, (spec, reason) in enumerate(zip(mine, reasons)):
             record = _row_record(spec)
             record["counts"] = count_row(spec, shapes)
-            reason = _skip_reason(spec, shapes, device, fused)
             if reason is None:
                 try:
-                    record.update(time_row(spec, params, grads, device, preset))
+                    measured = together[i] if interleave else time_row(spec, params, grads, device, preset)
                 except Exception as error:  # a failing optimizer is a row, never a crash
-                    reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    measured = _failure(error)
+                if isinstance(measured, str):
+                    reason = measured
+                else:
+                    record.update(measured, interleaved=interleave)
             if reason is not None:
                 record["reason"] = reason
             rows.append(record)
@@ -523,8 +620,10 @@ def run_rows(
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``vs_adamw``, ``vs_best_peer`` (same model, B, F) and, for DASH, ``speedup_vs_none``: the
-    sequential mode's (stacking ``none``, same model, B, F, solver) per-step time over this row's."""
+    """``vs_adamw``, ``vs_best_peer`` (same model, B, F), and for DASH ``vs_same_solver`` (the
+    fastest peer running the same solver: the authors' code and pytorch_optimizer's DASH) and
+    ``speedup_vs_none``: the sequential mode's (stacking ``none``, same model, B, F, solver) per-step
+    time over this row's."""
     for row in rows:
         timed_rows = [r for r in rows if r["model"] == row["model"] and r.get("per_step")]
         same = [
@@ -534,6 +633,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         ]
         adamw = [r["per_step"] for r in timed_rows if r["kind"] == "adamw"]
         peers = [r["per_step"] for r in same if r["kind"] == "peer"]
+        alike = [r["per_step"] for r in same if r["kind"] == "peer" and r["method"] == row["method"]]
         sequential = [
             r["per_step"]
             for r in same
@@ -542,6 +642,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         value = row.get("per_step")
         row["vs_adamw"] = value / min(adamw) if value and adamw else None
         row["vs_best_peer"] = value / min(peers) if value and peers and row["kind"] != "adamw" else None
+        row["vs_same_solver"] = value / min(alike) if value and alike and row["kind"] == "dash" else None
         row["speedup_vs_none"] = (
             sequential[0] / value if value and sequential and row["kind"] == "dash" else None
         )
@@ -585,7 +686,8 @@ def _progress_line(row: dict[str, Any]) -> str:
 
 TABLE_HEADER = (
     "model", "optimizer", "B", "F", "stacking", "solver", "per step ms", "refresh step ms [min–max]",
-    "other step ms [min–max]", "× AdamW", "× best peer", "speed-up vs none", "state B/param",
+    "other step ms [min–max]", "× AdamW", "× best peer", "× same-solver peer", "speed-up vs none",
+    "state B/param",
     "root GFLOP/s", "% of bmm", "notes",
 )  # fmt: skip
 
@@ -599,6 +701,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     )
     notes = [row.get("reason") or (row["settings"] if row["kind"] == "peer" else "")]
     notes += ["cut short by --row-seconds"] if row.get("cut_short") else []
+    notes += ["interleaved"] if row.get("interleaved") else []
     notes += [solver["label"]] if solver else []
     notes += [f"{row['root_failures']} root failures"] if row.get("root_failures") else []
     periodic = row["frequency"] > 1
@@ -614,6 +717,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         spread(row.get("other" if periodic else "refresh")),
         ratio(row.get("vs_adamw")),
         ratio(row.get("vs_best_peer")),
+        ratio(row.get("vs_same_solver")),
         ratio(row.get("speedup_vs_none")),
         f"{state:.1f}" if state is not None else "–",
         f"{rate / 1e9:.1f}" if rate else "–",
@@ -660,7 +764,10 @@ def markdown(report: dict[str, Any]) -> str:
             table(report["rows"]),
             "How to read it. *per step* is the median step time, or for F > 1 the amortised "
             "`(refresh + (F−1)·other)/F` of the two medians; *× AdamW* divides it by the fastest AdamW "
-            "row of the model and *× best peer* by the fastest peer row with the same model, B and F; "
+            "row of the model and *× best peer* by the fastest peer row with the same model, B and F, "
+            "*× same-solver peer* by the fastest of those that run DASH's solver (the authors' "
+            "`DashGpu`, pytorch_optimizer's `DASH`); rows marked *interleaved* were stepped in turn "
+            "with the model's other rows, in a reshuffled order at every step; "
             "*speed-up vs none* is the time of DASH's sequential per-block mode (stacking `none`, same "
             "model, B, F and solver) divided by this row's. "
             "The gradient is random (seeded) and the same at every step; it is copied into `p.grad` "
@@ -725,7 +832,7 @@ def _run(args: argparse.Namespace, preset: Preset, device: torch.device) -> int:
 
     progress(f"preset {args.preset}: {len(specs)} rows on {record.device}")
     calibration = {} if args.counts_only else calibrate(specs, device, preset.bmm_flops)
-    rows = run_rows(specs, device, preset, args.seed, progress, args.counts_only)
+    rows = run_rows(specs, device, preset, args.seed, progress, args.counts_only, args.interleave)
     add_ratios(rows)
     add_efficiency(rows, calibration)
     counts.add_count_ratios(rows, minimum_bytes)

@@ -299,8 +299,7 @@ def _ndb_stage(
 
     ``E_k = (3 I − Z_k Y_k) / 2``, ``Y_{k+1} = Y_k E_k``, ``Z_{k+1} = E_k Z_k`` from ``Y_0 = B``,
     ``Z_0 = I`` (three matmuls a step, no inverse; the first step needs one, and the last skips the
-    product that is not wanted; ``Y E = 1.5·Y − 0.5·Y(ZY)`` is one ``baddbmm``, so ``E`` is never
-    formed). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
+    product that is not wanted). It converges while the spectrum of ``B`` lies in ``(0, 2)``.
     Returns ``Y`` or ``Z`` as wanted, not yet rescaled.
     """
     Y = X / scale[:, None, None]
@@ -308,13 +307,12 @@ def _ndb_stage(
     for k in range(steps):
         ZY = Y if k == 0 else bmm(Z, Y, precision)
         rule.check(ZY)
+        # E is formed once for both products (a baddbmm per product would first copy its addend
+        # into its output: more bytes than this one pass).
+        E = _shifted_identity(ZY, -0.5, 1.5)
         last = k == steps - 1
-        # Y E and E Z with E = (3I − ZY)/2, each one fused product: 1.5·Y − 0.5·Y(ZY).
-        new_Y = Y if last and want == "Z" else baddbmm(Y, Y, ZY, 1.5, -0.5, precision)
-        if last and want == "Y":
-            new_Z = Z
-        else:
-            new_Z = _shifted_identity(Y, -0.5, 1.5) if k == 0 else baddbmm(Z, ZY, Z, 1.5, -0.5, precision)
+        new_Y = Y if last and want == "Z" else bmm(Y, E, precision)
+        new_Z = Z if last and want == "Y" else E if k == 0 else bmm(E, Z, precision)
         Y, Z = rule.update((new_Y, Y), (new_Z, Z))
     return Y if want == "Y" else Z
 
