@@ -434,21 +434,19 @@ class DASH(Optimizer):
         else the blocks whose squares may overflow fp32: ``(stack, rows)`` pairs (usually none).
 
         One reduction per stack, brought to the host in one transfer per device (the step's one
-        host sync): ``max|g|`` on the CPU; on an accelerator the norm ``||g||`` of every stack in one
-        ``_foreach_norm`` (an upper bound of ``max|g|``, through which NaN and inf propagate; only
-        where it is not finite or could overflow ``g gᵀ`` is ``max|g|`` itself read). Only a stack
-        whose peak could overflow ``g gᵀ`` is looked at block by block.
+        host sync): the norm ``||g||`` of every stack in one ``_foreach_norm`` (an upper bound of
+        ``max|g|``, through which NaN and inf propagate; only where it is not finite or could
+        overflow ``g gᵀ`` is ``max|g|`` itself read). Only a stack whose peak could overflow
+        ``g gᵀ`` is looked at block by block.
         """
         by_device: dict[torch.device, list[Stack]] = {}
         for stack in plan.stacks:
             by_device.setdefault(stack.grad.device, []).append(stack)
         peaks: dict[int, float] = {}
-        for device, stacks in by_device.items():
-            grads = [stack.grad for stack in stacks]
-            cpu = device.type == "cpu"
-            values = torch.stack(list(map(peak_abs, grads)) if cpu else torch._foreach_norm(grads)).tolist()
+        for stacks in by_device.values():
+            values = torch.stack(torch._foreach_norm([stack.grad for stack in stacks])).tolist()
             for stack, value in zip(stacks, values):
-                exact = cpu or (math.isfinite(value) and not may_overflow(value, stack.shape))
+                exact = math.isfinite(value) and not may_overflow(value, stack.shape)
                 peaks[id(stack)] = value if exact else float(peak_abs(stack.grad))
         bad = [s for s in plan.stacks if not math.isfinite(peaks[id(s)])]
         if not distributed.all_finite(self._process_group, not bad):
@@ -570,7 +568,9 @@ class DASH(Optimizer):
         left, right = stack.roots("left"), stack.roots("right")
         moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
 
-        def rows_direction(rows: slice, values: dict[str, Any]) -> tuple[torch.Tensor, Scale]:
+        def rows_direction(
+            rows: slice, values: dict[str, Any], out: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, Scale]:
             return update_direction(
                 first_moment[rows],
                 None if moment is None else moment[rows],
@@ -582,6 +582,7 @@ class DASH(Optimizer):
                 momentum=group["momentum"],
                 nesterov=group["nesterov"],
                 lr=group["lr"],
+                out=out,
                 **values,
             )
 
@@ -589,13 +590,16 @@ class DASH(Optimizer):
         if size >= stack.rows:
             return rows_direction(slice(None), per_row)
         out = torch.empty_like(stack.grad)
+        scales = torch.ones(stack.rows, 1, 1, dtype=out.dtype)  # one factor per block
         for first in range(0, stack.rows, size):
             rows = slice(first, first + size)
-            direction, scale = rows_direction(
-                rows, {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
-            )
-            torch.mul(direction, 1.0 if scale is None else scale, out=out[rows])
-        return out, None
+            values = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
+            direction, scale = rows_direction(rows, values, out[rows])
+            if direction.data_ptr() != out[rows].data_ptr():  # not written in place: scaled copy
+                torch.mul(direction, 1.0 if scale is None else scale, out=out[rows])
+            elif scale is not None:
+                scales[rows] = scale
+        return out, scales
 
 
 def _initializing_step(groups: list[dict[str, Any]], active: layout.Active) -> bool:

@@ -66,14 +66,18 @@ def grafting_direction(
 
 
 def precondition(
-    g_hat: torch.Tensor, left_root: torch.Tensor | None, right_root: torch.Tensor | None
+    g_hat: torch.Tensor,
+    left_root: torch.Tensor | None,
+    right_root: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``U = L^(-1/p) Ĝ R^(-1/p)`` per block (a missing side is the identity)."""
+    """``U = L^(-1/p) Ĝ R^(-1/p)`` per block (a missing side is the identity), the last product
+    written into ``out`` when given (``g_hat`` itself when no side is preconditioned)."""
     U = g_hat
     if left_root is not None:
-        U = torch.bmm(left_root, U)
+        U = torch.bmm(left_root, U, out=out if right_root is None else None)
     if right_root is not None:
-        U = torch.bmm(U, right_root)
+        U = torch.bmm(U, right_root, out=out)
     return U
 
 
@@ -145,6 +149,7 @@ def update_direction(
     momentum: float,
     nesterov: bool,
     lr: Scalar,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Scalar | None]:
     """The update ``lr · P`` of a stack's blocks, momentum applied, as ``(direction, scale)`` with
     ``update = scale · direction``: ``scale`` None when the direction is the update itself, else a
@@ -167,13 +172,15 @@ def update_direction(
             before it the direction is the grafting method's own.
         momentum, nesterov: ``μ`` and whether to use Nesterov's form.
         lr: the learning rate (a float or a tensor).
+        out: where ``U`` is written when the result is ``(U, per-block factor)``.
     """
     direction, graft_scale = grafting_direction(first_moment, moment, grafting, eps, bias2)
     scale = graft_scale / bias1 if momentum > 0 else graft_scale / bias1 * lr
     preconditioned = left_root is not None or right_root is not None
     if preconditioned and started is not False:
-        U = precondition(first_moment, left_root, right_root)
-        if started is True and momentum == 0:
+        plain = started is True and momentum == 0
+        U = precondition(first_moment, left_root, right_root, out if plain else None)
+        if plain:
             return U, scale if grafting == "none" else graft_ratio(U, direction, scale)
         shampoo = U * scale if grafting == "none" else graft(U, direction, scale)
         direction = shampoo if started is True else torch.where(started, shampoo, direction * scale)
