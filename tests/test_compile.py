@@ -13,16 +13,16 @@ import torch
 from dash_shampoo import DASH
 
 
-def test_compiled_step_on_a_fresh_optimizer_matches_eager():
+def _compare_compiled(backend: str, shapes: list[tuple[int, ...]], options: dict, tolerance: float) -> None:
+    """Four (or three) steps of a fresh DASH under ``torch.compile(step, backend=...)`` against eager
+    DASH on the same gradients: every parameter within ``tolerance`` of the largest update."""
     torch.manual_seed(0)
-    shapes = [(20, 13), (13,), (3, 2, 4)]
-    compiled_params = [torch.nn.Parameter(torch.randn(s) * 0.01) for s in shapes]  # ulps below 1e-6 of a step
+    compiled_params = [torch.nn.Parameter(torch.randn(s) * 0.01) for s in shapes]
     eager_params = [torch.nn.Parameter(p.detach().clone()) for p in compiled_params]
-    options = dict(lr=0.1, block_size=8, precondition_frequency=2)
     compiled, eager = DASH(compiled_params, **options), DASH(eager_params, **options)
-    step = torch.compile(compiled.step, backend="eager")
+    step = torch.compile(compiled.step, backend=backend)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for _ in range(4 if backend == "eager" else 3):
         before = [p.detach().clone() for p in eager_params]
         for p, q in zip(compiled_params, eager_params):
             p.grad = torch.randn(p.shape, generator=generator)
@@ -31,7 +31,14 @@ def test_compiled_step_on_a_fresh_optimizer_matches_eager():
         eager.step()
         update = max(float((q - b).abs().max()) for q, b in zip(eager_params, before))
         for p, q in zip(compiled_params, eager_params):
-            assert float((p - q).abs().max()) <= 1e-6 * update
+            assert float((p - q).abs().max()) <= tolerance * update
+
+
+def test_compiled_step_on_a_fresh_optimizer_matches_eager():
+    # Small parameters keep fp32 ulps of the weights below 1e-6 of a step.
+    _compare_compiled(
+        "eager", [(20, 13), (13,), (3, 2, 4)], dict(lr=0.1, block_size=8, precondition_frequency=2), 1e-6
+    )
 
 
 def test_inductor_compiled_step_matches_eager():
@@ -41,21 +48,22 @@ def test_inductor_compiled_step_matches_eager():
     reorders fp32 reductions (norms, the Adam denominator), so the updates differ in their last
     bits and the parameters drift apart by a few fp32 roundings of an update per step (measured:
     6e-6 of the update after 3 steps)."""
-    torch.manual_seed(0)
-    shapes = [(8, 8), (8,)]
-    compiled_params = [torch.nn.Parameter(torch.randn(s) * 0.01) for s in shapes]
-    eager_params = [torch.nn.Parameter(p.detach().clone()) for p in compiled_params]
     options = dict(lr=0.1, block_size=8, precondition_frequency=1)
-    compiled, eager = DASH(compiled_params, **options), DASH(eager_params, **options)
-    step = torch.compile(compiled.step, backend="inductor")
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        before = [p.detach().clone() for p in eager_params]
-        for p, q in zip(compiled_params, eager_params):
-            p.grad = torch.randn(p.shape, generator=generator)
-            q.grad = p.grad.clone()
-        step()
-        eager.step()
-        update = max(float((q - b).abs().max()) for q, b in zip(eager_params, before))
-        for p, q in zip(compiled_params, eager_params):
-            assert float((p - q).abs().max()) <= 2e-5 * update
+    _compare_compiled("inductor", [(8, 8), (8,)], options, 2e-5)
+
+
+def test_graph_breaks_of_a_compiled_step():
+    """Graph breaks of one step after the first, with dynamo's eager backend (seconds).
+
+    22 today (33 while the step kept its parameters in a set, which dynamo cannot trace): what is left is the
+    gradient check's host read (the skip decision), the per-parameter step counters read on the
+    host for the refresh schedule and bias corrections, and the dict iteration around them. The
+    target is 3; this test keeps the count from growing meanwhile."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s) * 0.01) for s in [(20, 13), (13,), (3, 2, 4)]]
+    optimizer = DASH(params, lr=0.1, block_size=8, precondition_frequency=1)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    optimizer.step()
+    explanation = torch._dynamo.explain(optimizer.step)()
+    assert explanation.graph_break_count <= 22

@@ -244,9 +244,9 @@ def _record_precisions(monkeypatch) -> list[str]:
     calls: list[str] = []
     real, real_fused = roots.bmm, roots.baddbmm
 
-    def spy(a, b, precision="fp32"):
+    def spy(a, b, precision="fp32", out=None):
         calls.append(precision)
-        return real(a, b, precision)
+        return real(a, b, precision, out=out)
 
     def spy_fused(c, a, b, beta, alpha, precision="fp32"):
         calls.append(precision)

@@ -60,22 +60,26 @@ def matmul_precision(precision: Precision, device: torch.device) -> Iterator[Non
         flag.allow_tf32 = previous
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:
-    """Batched ``a @ b`` at ``precision`` inside :func:`matmul_precision` (no flag is changed here).
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Batched ``a @ b`` at ``precision`` inside :func:`matmul_precision` (no flag is changed here),
+    written into ``out`` when given.
 
     fp64 stacks with ``"fp32"`` are multiplied in fp64 (the float64 reference path).
     """
     if a.device.type == "cuda" and a.dtype == torch.float32:
         if precision in ("fp32", "tf32"):
-            return torch.bmm(a, b)
+            return torch.bmm(a, b, out=out)
         half = _HALF[precision]
         try:
-            return torch.bmm(a.to(half), b.to(half), out_dtype=torch.float32)
+            product = torch.bmm(a.to(half), b.to(half), out_dtype=torch.float32)
         except (TypeError, RuntimeError):  # older torch without the fp32-output kernel
-            return torch.bmm(a.to(half), b.to(half)).to(torch.float32)
+            product = torch.bmm(a.to(half), b.to(half)).to(torch.float32)
+        return product if out is None else out.copy_(product)
     if precision == "fp32":
-        return torch.bmm(a, b)
-    return torch.bmm(round_to(a, precision), round_to(b, precision))
+        return torch.bmm(a, b, out=out)
+    return torch.bmm(round_to(a, precision), round_to(b, precision), out=out)
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, precision: Precision = "fp32") -> torch.Tensor:

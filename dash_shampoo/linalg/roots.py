@@ -303,7 +303,33 @@ def _ndb_stage(
     Returns ``Y`` or ``Z`` as wanted, not yet rescaled.
     """
     Y = X / scale[:, None, None]
-    Z = _eye_like(X)
+    if rule.active is not None or steps < 2:
+        return _ndb_stage_masked(Y, steps, rule, precision, want)
+    # Without a per-matrix stopping mask the iterates can overwrite their buffers (what a masked
+    # update must keep): one allocation per buffer instead of three a step, the same arithmetic.
+    E = _shifted_identity(Y, -0.5, 1.5)  # step 0: Z Y = Y
+    Z = E.clone()
+    Y = bmm(Y, E, precision)
+    rule.update()
+    scratch = torch.empty_like(Y)
+    for k in range(1, steps):
+        last = k == steps - 1
+        bmm(Z, Y, precision, out=E)
+        E.mul_(-0.5).diagonal(dim1=-2, dim2=-1).add_(1.5)
+        if not (last and want == "Z"):
+            Y, scratch = bmm(Y, E, precision, out=scratch), Y
+        if not (last and want == "Y"):
+            Z, scratch = bmm(E, Z, precision, out=scratch), Z
+        rule.update()
+    return Y if want == "Y" else Z
+
+
+def _ndb_stage_masked(
+    Y: torch.Tensor, steps: int, rule: _StoppingRule, precision: Precision, want: Literal["Y", "Z"]
+) -> torch.Tensor:
+    """:func:`_ndb_stage` from ``Y = B``, each step's iterates new tensors (a matrix whose stopping
+    rule has fired keeps its old ones)."""
+    Z = _eye_like(Y)
     for k in range(steps):
         ZY = Y if k == 0 else bmm(Z, Y, precision)
         rule.check(ZY)
