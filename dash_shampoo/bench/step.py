@@ -18,6 +18,13 @@ and counts its flops (:func:`root_flops`), and the achieved FLOP/s are set again
 batched-matmul throughput of the device measured in the same process (``bmm`` of the solver's
 precision on ``(K, n, n)`` stacks, :func:`measure_bmm`).
 
+Every row is also counted on the accelerator path (:mod:`dash_shampoo.bench.counts`: kernels,
+host syncs, matmul FLOPs and bytes of a refresh and another step, on meta tensors, so a CPU counts
+what a GPU would launch); ``--counts-only`` skips the timing. ``--interleave`` builds every
+optimizer of a model first and steps them in turn, in an order reshuffled at every step, so the
+drifts of a shared machine fall on every row alike. The authors' ``DashGpu`` is a peer on any
+device (:func:`dash_shampoo.peers.authors_dash` imports it without CUDA, Triton or wandb).
+
 Which rows run and how long they are sampled is a preset (:data:`PRESETS`): ``cpu`` (the default
 on a CPU, where one NDB refresh of ``124m`` at block 1024 takes minutes, so it has the rows that
 fit in about a quarter of an hour), ``gpu`` (the default on CUDA: the whole grid) and ``quick`` (a
