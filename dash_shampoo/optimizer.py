@@ -153,8 +153,9 @@ class DASH(Optimizer):
 
     A root refresh that fails, is not finite or has an entry above ``100·r^(-1/p)``, with ``r`` the
     factor's ridge (an exact root is below ``r^(-1/p)``; a diverged low-precision iteration can be
-    far above) keeps the previous root of that factor (the identity before the first success) and
-    is counted in :attr:`root_failures`. An all-zero factor keeps its previous root uncounted.
+    far above; eigh's roots are PSD, so their diagonal is read) keeps the previous root of that
+    factor (the identity before the first success) and is counted in :attr:`root_failures`. An
+    all-zero factor keeps its previous root uncounted.
     """
 
     def __init__(
