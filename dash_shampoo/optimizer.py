@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import math
 import warnings
 from collections import OrderedDict, defaultdict
@@ -28,20 +27,11 @@ from .blocking import local_tensor
 from .layout import Layout
 from .linalg import RootOptions, ridge, solve_inverse_root
 from .linalg.precision import Precision
-from .linalg.roots import EigenFix, Method, matrices_per_chunk
+from .linalg.roots import EigenFix, Method
 from .linalg.scaling import Scaling
 from .options import GroupChecks, OneDim, check_group, check_keywords, check_params, loaded_groups
-from .preconditioner import (
-    Grafting,
-    accept_roots,
-    accumulate_factor,
-    accumulate_second_moment,
-    may_overflow,
-    peak_abs,
-    row_values,
-    update_direction,
-)
-from .stacks import Bank, Due, Scale, Stack, select_rows, write_rows
+from .preconditioner import Grafting, accept_roots, may_overflow, peak_abs, stack_update, update_statistics
+from .stacks import Bank, Due, Stack, select_rows, write_rows
 
 Stacking = Literal["global", "layer", "none"]
 STACKINGS: tuple[str, ...] = ("global", "layer", "none")
@@ -389,7 +379,7 @@ class DASH(Optimizer):
         before = [stack.save_rows(rows) for stack, rows in candidates]
         for p in active.values():
             self.state[p]["step"] += 1
-        self._update_statistics(plan.stacks)
+        update_statistics(plan.stacks, self.param_groups)
         # A block whose g gᵀ, gᵀ g or g² overflowed is skipped: its state is put back (now, and again
         # after the step) and its update is zero (counted in skipped_blocks).
         overflowing = []
@@ -411,7 +401,12 @@ class DASH(Optimizer):
         self._apply_weight_decay(active)
         shards = {key: local_tensor(p) for key, p in active.items()}  # a DTensor's rows here
         targets = {key: t if t.is_contiguous() else t.contiguous() for key, t in shards.items()}
-        updates = [self._direction(stack) for stack in plan.stacks]
+        updates = [
+            stack_update(
+                stack, self.param_groups[stack.group_index], self._steps(stack.runs), CPU_CHUNK_ELEMENTS
+            )
+            for stack in plan.stacks
+        ]
         for stack, rows in overflowing:  # zero updates (a NaN direction times a zero scale is NaN)
             for part in updates[plan.stacks.index(stack)]:
                 if isinstance(part, torch.Tensor) and part.dim() == 3:
@@ -470,25 +465,6 @@ class DASH(Optimizer):
     def _steps(self, runs: Iterable[Any]) -> list[int]:
         return [int(self.state[run.param]["step"]) for run in runs]
 
-    def _update_statistics(self, stacks: list[Stack]) -> None:
-        """Factors per stack; the elementwise averages of a group's stacks one ``_foreach`` op each."""
-        by_group: dict[int, list[Stack]] = defaultdict(list)
-        for stack in stacks:
-            by_group[stack.group_index].append(stack)
-        for index, members in by_group.items():
-            group = self.param_groups[index]
-            for stack, side in itertools.product(members, ("left", "right")):
-                if (factors := stack.factors(side)) is not None:
-                    accumulate_factor(factors, stack.grad, side, group["factor_beta"])
-            graded = [stack for stack in members if "moment" in stack.tensors]
-            if graded:
-                moments = [stack.tensors["moment"] for stack in graded]
-                grads = [stack.grad for stack in graded]
-                accumulate_second_moment(moments, grads, group["grafting"], group["betas"][1])
-            if group["betas"][0] > 0:
-                emas, grads = [stack.tensors["grad_ema"] for stack in members], [s.grad for s in members]
-                torch._foreach_lerp_(emas, grads, 1 - group["betas"][0])
-
     def _refresh(self, bank: Bank, options: RootOptions) -> tuple[Due | None, torch.Tensor | None]:
         """Refresh the roots of the bank's due rows this process computes, keeping the old root of each
         one refused. Returns the due rows and the mask of those refused."""
@@ -545,62 +521,6 @@ class DASH(Optimizer):
             params = [local_tensor(p) for p in group["params"] if id(p) in active]
             if wd and params:
                 torch._foreach_mul_(params, 1 - group["lr"] * wd)
-
-    def _direction(self, stack: Stack) -> tuple[torch.Tensor, Scale]:
-        """The step's update blocks ``lr · P`` of a stack as ``(direction, scale)``
-        (:func:`update_direction`).
-
-        On the CPU a large stack is computed in chunks of rows (:data:`CPU_CHUNK_ELEMENTS`), so
-        the ten or so elementwise passes over each chunk run in cache; the result is the same.
-        """
-        group = self.param_groups[stack.group_index]
-        beta1, beta2 = group["betas"]
-        correct = group["bias_correction"]
-        start = group["start_preconditioning_step"]
-        values = functools.partial(
-            row_values, self._steps(stack.runs), [run.count for run in stack.runs], device=stack.grad.device
-        )
-        per_row = {
-            "bias1": values(lambda t: 1 - beta1**t) if correct and beta1 > 0 else 1.0,
-            "bias2": values(lambda t: 1 - beta2**t) if correct else 1.0,
-            "started": values(lambda t: t >= start),
-        }
-        first_moment = stack.tensors["grad_ema"] if beta1 > 0 else stack.grad
-        left, right = stack.roots("left"), stack.roots("right")
-        moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
-
-        def rows_direction(
-            rows: slice, values: dict[str, Any], out: torch.Tensor | None = None
-        ) -> tuple[torch.Tensor, Scale]:
-            return update_direction(
-                first_moment[rows],
-                None if moment is None else moment[rows],
-                None if left is None else left[rows],
-                None if right is None else right[rows],
-                None if buffer is None else buffer[rows],
-                grafting=group["grafting"],
-                eps=group["eps"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                lr=group["lr"],
-                out=out,
-                **values,
-            )
-
-        size = matrices_per_chunk(stack.grad, CPU_CHUNK_ELEMENTS)
-        if size >= stack.rows:
-            return rows_direction(slice(None), per_row)
-        out = torch.empty_like(stack.grad)
-        scales = torch.ones(stack.rows, 1, 1, dtype=out.dtype)  # one factor per block
-        for first in range(0, stack.rows, size):
-            rows = slice(first, first + size)
-            values = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
-            direction, scale = rows_direction(rows, values, out[rows])
-            if direction.data_ptr() != out[rows].data_ptr():  # not written in place: scaled copy
-                torch.mul(direction, 1.0 if scale is None else scale, out=out[rows])
-            elif scale is not None:
-                scales[rows] = scale
-        return out, scales
 
 
 def _initializing_step(groups: list[dict[str, Any]], active: layout.Active) -> bool:

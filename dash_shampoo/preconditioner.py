@@ -8,8 +8,9 @@ For a block ``g`` (m×n) with gradient EMA ``G~``, factors ``L`` (m×m) and ``R`
     M ← μ M + P,  update = lr · M  (Nesterov: lr · (P + μ M))         (optional momentum)
 
 where ``D`` is the grafting method's own direction for the block (Adam: ``Ĝ / (sqrt(v̂) + ε)``).
-Also here: which roots a step refreshes (:func:`refresh_due`, :func:`due_rows`) and which refreshed
-roots are accepted (:func:`accept_roots`).
+Also here: which roots a step refreshes (:func:`refresh_due`, :func:`due_rows`), which refreshed
+roots are accepted (:func:`accept_roots`), and the two passes of a step over a layout's stacks:
+their statistics (:func:`update_statistics`) and their updates (:func:`stack_update`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
+
+from .linalg.roots import matrices_per_chunk
 
 Grafting = Literal["adam", "adagrad", "rmsprop", "sgd", "none"]
 GRAFTINGS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
@@ -274,3 +277,81 @@ def may_overflow(peak: Any, block: tuple[int, int]) -> Any:
     their entries are at most ``max(m, n) · peak²`` (against a quarter of the fp32 maximum, for the
     exponential averages that add to them). ``peak``: a float or a float64 tensor."""
     return peak * peak * max(block) > torch.finfo(torch.float32).max / 4
+
+
+def update_statistics(stacks: Sequence[Any], groups: Sequence[dict[str, Any]]) -> None:
+    """One step's statistics of a layout's stacks (:class:`~dash_shampoo.stacks.Stack`), in place:
+    the factors stack by stack (:func:`accumulate_factor`); the second moments and gradient EMAs
+    of a group's stacks one ``_foreach`` op each (:func:`accumulate_second_moment`)."""
+    by_group: dict[int, list[Any]] = {}
+    for stack in stacks:
+        by_group.setdefault(stack.group_index, []).append(stack)
+    for index, members in by_group.items():
+        group = groups[index]
+        for stack in members:
+            for side in ("left", "right"):
+                if (factors := stack.factors(side)) is not None:
+                    accumulate_factor(factors, stack.grad, side, group["factor_beta"])
+        graded = [stack for stack in members if "moment" in stack.tensors]
+        if graded:
+            moments, grads = [s.tensors["moment"] for s in graded], [s.grad for s in graded]
+            accumulate_second_moment(moments, grads, group["grafting"], group["betas"][1])
+        if group["betas"][0] > 0:
+            emas, grads = [s.tensors["grad_ema"] for s in members], [s.grad for s in members]
+            torch._foreach_lerp_(emas, grads, 1 - group["betas"][0])
+
+
+def stack_update(
+    stack: Any, group: dict[str, Any], steps: Sequence[int], chunk_elements: int
+) -> tuple[torch.Tensor, Scalar | None]:
+    """The step's update blocks ``lr · P`` of one stack as ``(direction, scale)``
+    (:func:`update_direction`), its runs' parameters at ``steps``.
+
+    On the CPU a large stack is computed in chunks of rows of at most ``chunk_elements`` per torch
+    thread (:func:`~dash_shampoo.linalg.roots.matrices_per_chunk`), so the ten or so elementwise
+    passes over each chunk run in cache; the result is the same, with one factor per block.
+    """
+    beta1, beta2 = group["betas"]
+    correct, start = group["bias_correction"], group["start_preconditioning_step"]
+    counts, device = [run.count for run in stack.runs], stack.grad.device
+    per_row = {
+        "bias1": row_values(steps, counts, lambda t: 1 - beta1**t, device) if correct and beta1 > 0 else 1.0,
+        "bias2": row_values(steps, counts, lambda t: 1 - beta2**t, device) if correct else 1.0,
+        "started": row_values(steps, counts, lambda t: t >= start, device),
+    }
+    first_moment = stack.tensors["grad_ema"] if beta1 > 0 else stack.grad
+    left, right = stack.roots("left"), stack.roots("right")
+    moment, buffer = stack.tensors.get("moment"), stack.tensors.get("momentum")
+
+    def rows_update(
+        rows: slice, values: dict[str, Any], out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Scalar | None]:
+        return update_direction(
+            first_moment[rows],
+            None if moment is None else moment[rows],
+            None if left is None else left[rows],
+            None if right is None else right[rows],
+            None if buffer is None else buffer[rows],
+            grafting=group["grafting"],
+            eps=group["eps"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            lr=group["lr"],
+            out=out,
+            **values,
+        )
+
+    size = matrices_per_chunk(stack.grad, chunk_elements)
+    if size >= stack.rows:
+        return rows_update(slice(None), per_row)
+    out = torch.empty_like(stack.grad)
+    scales = torch.ones(stack.rows, 1, 1, dtype=out.dtype)
+    for first in range(0, stack.rows, size):
+        rows = slice(first, first + size)
+        values = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in per_row.items()}
+        direction, scale = rows_update(rows, values, out[rows])
+        if direction.data_ptr() != out[rows].data_ptr():  # not written in place: a scaled copy
+            torch.mul(direction, 1.0 if scale is None else scale, out=out[rows])
+        elif scale is not None:
+            scales[rows] = scale
+    return out, scales
