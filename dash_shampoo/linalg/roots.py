@@ -308,8 +308,8 @@ def _ndb_stage(
     # Without a per-matrix stopping mask the iterates can overwrite their buffers (what a masked
     # update must keep): one allocation per buffer instead of three a step, the same arithmetic.
     E = _shifted_identity(Y, -0.5, 1.5)  # step 0: Z Y = Y
-    Z = E.clone()
     Y = bmm(Y, E, precision)
+    Z, E = E, torch.empty_like(E)  # Z_1 = E_0
     rule.update()
     scratch = torch.empty_like(Y)
     for k in range(1, steps):
