@@ -250,9 +250,9 @@ def accept_roots(
         The (K,) mask of refused roots of non-zero factors (the failures).
     """
     zero = mean_eigenvalue == 0
-    # A PSD root (eigh's Q diag(w) Qᵀ, w >= 0) has its largest entry on the diagonal; a NaN in Q
-    # reaches the diagonal too. Other solvers' roots are read whole.
-    peak = new.diagonal(dim1=-2, dim2=-1).abs().amax(dim=-1) if psd else peak_abs(new, dims=(1, 2))
+    # A PSD root (eigh's Q diag(w) Qᵀ, w >= 0) has its largest entry on its diagonal, which is
+    # not negative for any Q; a NaN in Q reaches the diagonal too. Other roots are read whole.
+    peak = new.diagonal(dim1=-2, dim2=-1).amax(dim=-1) if psd else peak_abs(new, dims=(1, 2))
     if isinstance(added, torch.Tensor):  # per factor; a zero factor's inf bound is never used
         fine = peak <= added.pow(-1.0 / p).mul_(ROOT_BOUND_SLACK)  # NaN compares false
     else:
