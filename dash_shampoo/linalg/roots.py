@@ -95,16 +95,12 @@ Unfinished = tuple[torch.Tensor, torch.Tensor | None]
 # ---------------------------------------------------------------------------------------------
 
 
-def eigh_with_fallback(
-    A: torch.Tensor, *, assume_finite: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def eigh_with_fallback(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched ``torch.linalg.eigh`` that reports failures per matrix instead of raising.
 
-    Non-finite matrices are replaced by the identity before the call (``assume_finite``: the
-    caller guarantees finite input; neither that pass nor the check of the eigenvectors is made, and
-    a failure shows in the eigenvalues alone: two full passes over the stack fewer). If the batched
-    call raises, the stack is retried in float64; if that raises too, each matrix is decomposed
-    alone in float64 and the ones that still fail are replaced by the identity.
+    Non-finite matrices are replaced by the identity before the call. If the batched call raises,
+    the stack is retried in float64; if that raises too, each matrix is decomposed alone in float64
+    and the ones that still fail are replaced by the identity.
 
     Returns:
         ``(eigenvalues (N, n), eigenvectors (N, n, n), failed (N,) bool)`` in ``A``'s dtype (fp32 for
@@ -112,10 +108,6 @@ def eigh_with_fallback(
         outputs.
     """
     X = A.to(_compute_dtype(A))
-    if assume_finite:
-        values, vectors, failed = _eigh(X, None)
-        bad_values = values.sum(dim=1).isnan()  # a finite input fails by raising, or with NaN values
-        return values, vectors, bad_values if failed is None else failed | bad_values
     finite = torch.isfinite(X).flatten(1).all(dim=1)
     values, vectors, failed = _eigh(torch.where(finite[:, None, None], X, _eye_like(X)), ~finite)
     bad_values = ~torch.isfinite(values).all(dim=1)
@@ -171,8 +163,9 @@ def _eigh_root(
     - ``"abs"``: ``λ ← |λ_A| + r``.
 
     Returns ``R + Rᵀ`` with ``R = (Q diag(λ^(-1/p)/2)) Qᵀ`` (exactly symmetric, one pass). Matrices
-    whose decomposition fails come out as NaN (their weights are NaN; see
-    :func:`eigh_with_fallback`, ``assume_finite=finite``). With
+    whose decomposition fails come out as NaN (their weights are NaN: for ``finite`` inputs, whose
+    decomposition fails by raising or with NaN eigenvalues, no pass checks the stack; else see
+    :func:`eigh_with_fallback`). With
     ``eps = 0`` a singular matrix gives non-finite entries (``0^(-1/p) = inf``, and ``inf · 0 = NaN``
     in the product with the eigenvectors) except with ``"pinv"``.
     """
