@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from dash_shampoo import DASH
+from dash_shampoo.distributed import exit_without_finalizing
 
 
 class TinyLM(torch.nn.Module):
@@ -76,6 +77,14 @@ def main() -> None:
         world = int(os.environ.get("WORLD_SIZE", 1))
         summary = {"world_size": world, "losses": losses, "step": trainer.state.global_step}
         print("RESULT", json.dumps(summary))
+    if torch.distributed.is_initialized():
+        # A gloo group open at exit, or a gloo worker thread still releasing its last collective
+        # while the interpreter finalizes, can abort the process ("terminate called without an
+        # active exception"; a PyTorch teardown race): close the group once every rank is done and
+        # end without the interpreter's teardown.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        exit_without_finalizing(0)
 
 
 if __name__ == "__main__":
