@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from dash_shampoo import DASH
+from dash_shampoo.distributed import exit_without_finalizing
 
 
 class TinyLM(L.LightningModule):
@@ -75,11 +76,13 @@ def main() -> None:
         summary = {"world_size": world, "losses": model.losses, "step": trainer.global_step}
         print("RESULT", json.dumps(summary))
     if torch.distributed.is_initialized():
-        # Lightning leaves the process group open, and a gloo group open at exit can abort the
-        # interpreter ("terminate called without an active exception"): close it once all
-        # ranks are done.
+        # Lightning leaves the process group open, and a gloo group open at exit, or a gloo worker
+        # thread still releasing its last collective while the interpreter finalizes, can abort the
+        # process ("terminate called without an active exception"; a PyTorch teardown race): close
+        # it once all ranks are done and end without the interpreter's teardown.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        exit_without_finalizing(0)
 
 
 if __name__ == "__main__":
