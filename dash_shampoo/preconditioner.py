@@ -187,12 +187,12 @@ def update_direction(
             return U, scale if grafting == "none" else graft_ratio(U, direction, scale)
         shampoo = U * scale if grafting == "none" else graft(U, direction, scale)
         direction = shampoo if started is True else torch.where(started, shampoo, direction * scale)
+        if momentum == 0:
+            return direction, None
     elif momentum == 0:
         return direction, scale
     else:
         direction = direction * scale
-    if momentum == 0:
-        return direction, None
     momentum_buffer.mul_(momentum).add_(direction)
     if nesterov:
         return direction.add_(momentum_buffer, alpha=momentum), lr
